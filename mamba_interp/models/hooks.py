@@ -1,0 +1,182 @@
+"""Hook points and the hook-running root module (TransformerLens' design, Mamba's internals).
+
+A :class:`HookPoint` is an identity module placed on every activation of interest; its name is its module
+path (``blocks.3.mixer.hook_dt``). A hook is ``fn(tensor, hook) -> tensor | None``; returning a tensor
+replaces the activation downstream. Hooks are attached only inside :meth:`HookedRootModule.hooks` (or
+``run_with_hooks`` / ``run_with_cache``, which use it) and are removed in ``finally``, so an exception in a
+hook or in the forward never leaves one behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+_GLOB_CHARS = set("*?[")
+
+
+class HookError(RuntimeError):
+    """A hook misbehaved (wrong output shape/dtype) or named a hook point that does not exist."""
+
+
+class HookPoint(nn.Module):
+    """Identity module that runs the hooks attached to it.
+
+    ``lazy=True`` marks activations that are only computed when a hook (or the cache) asks for them
+    (``hook_dA``, ``hook_ssm_state``, ``hook_h0``); the owning module checks :attr:`active` before building them.
+    """
+
+    def __init__(self, lazy: bool = False) -> None:
+        super().__init__()
+        self.name: str = "<unnamed>"
+        self.lazy = lazy
+        self._fns: list[HookFn] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._fns)
+
+    def add(self, fn: HookFn) -> None:
+        self._fns.append(fn)
+
+    def remove(self, fn: HookFn) -> None:
+        # identity, not equality: the same function may be attached twice
+        for i in range(len(self._fns) - 1, -1, -1):
+            if self._fns[i] is fn:
+                del self._fns[i]
+                return
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fn in list(self._fns):
+            out = fn(x, self)
+            if out is None:
+                continue
+            if not isinstance(out, torch.Tensor):
+                raise HookError(
+                    f"hook {_fn_name(fn)} on {self.name} returned {type(out).__name__}; "
+                    "return a tensor (to replace the activation) or None"
+                )
+            if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+                raise HookError(
+                    f"hook {_fn_name(fn)} on {self.name} returned shape {tuple(out.shape)} {out.dtype} on "
+                    f"{out.device}, expected {tuple(x.shape)} {x.dtype} on {x.device}; return a tensor like "
+                    "the input (e.g. act.clone() edited, or None to leave it unchanged)"
+                )
+            x = out
+        return x
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}" + (", lazy" if self.lazy else "")
+
+
+def _fn_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+class HookedRootModule(nn.Module):
+    """Mixin for the root model: names its hook points and runs forwards with hooks or a cache."""
+
+    hook_dict: dict[str, HookPoint]
+
+    def setup_hooks(self) -> None:
+        """Name every HookPoint by its module path; ``hook_dict`` follows registration (= execution) order."""
+        self.hook_dict = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_dict[name] = module
+
+    # ---- name resolution ---------------------------------------------------------------------
+    def hook_names(self, names_filter: NamesFilter = None) -> list[str]:
+        """Resolve a filter to hook names in execution order.
+
+        ``None`` is every hook point; a string is an exact name or a glob (``blocks.*.mixer.hook_dt``); a list
+        holds names or globs; a callable is a predicate on the name. Unknown names raise a :class:`HookError`
+        that suggests the nearest ones.
+        """
+        names = list(self.hook_dict)
+        if names_filter is None:
+            return names
+        if callable(names_filter) and not isinstance(names_filter, str):
+            return [n for n in names if names_filter(n)]
+        patterns = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        chosen: set[str] = set()
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise HookError(f"names_filter entries must be strings, got {type(pattern).__name__}")
+            if _GLOB_CHARS & set(pattern):
+                matched = fnmatch.filter(names, pattern)
+                if not matched:
+                    raise HookError(f"hook pattern {pattern!r} matches no hook point; {self._suggest(pattern)}")
+                chosen.update(matched)
+            elif pattern in self.hook_dict:
+                chosen.add(pattern)
+            else:
+                raise HookError(f"unknown hook name {pattern!r}; {self._suggest(pattern)}")
+        return [n for n in names if n in chosen]
+
+    def _suggest(self, name: str) -> str:
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.5)
+        if close:
+            return "did you mean " + ", ".join(repr(c) for c in close) + "?"
+        return "see model.hook_dict for the available names"
+
+    # ---- attaching hooks -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = ()) -> Iterator[HookedRootModule]:
+        """Attach ``(name_or_filter, fn)`` hooks for the duration of the ``with`` block."""
+        attached: list[tuple[HookPoint, HookFn]] = []
+        try:
+            for names_filter, fn in fwd_hooks:
+                if not callable(fn):
+                    raise HookError(f"hook for {names_filter!r} is {type(fn).__name__}, not a function")
+                for name in self.hook_names(names_filter):
+                    self.hook_dict[name].add(fn)
+                    attached.append((self.hook_dict[name], fn))
+            yield self
+        finally:
+            for hp, fn in reversed(attached):
+                hp.remove(fn)
+
+    def run_with_hooks(self, *args: Any, fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (), **kwargs: Any):
+        with self.hooks(fwd_hooks=fwd_hooks):
+            return self(*args, **kwargs)
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: NamesFilter = None,
+        device: str | torch.device | None = None,
+        detach: bool = True,
+        fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (),
+        **kwargs: Any,
+    ):
+        """Run the model and return ``(output, ActivationCache)``.
+
+        The cache records each activation *after* the ``fwd_hooks`` passed here, i.e. the value that flowed
+        downstream. ``device`` moves cached tensors (e.g. ``"cpu"`` to keep GPU memory free); ``detach=False``
+        keeps them in the autograd graph.
+        """
+        from mamba_interp.models.cache import ActivationCache
+
+        store: dict[str, torch.Tensor] = {}
+
+        def save(x: torch.Tensor, hook: HookPoint) -> None:
+            y = x.detach() if detach else x
+            store[hook.name] = y.to(device) if device is not None else y
+
+        names = self.hook_names(names_filter)
+        with self.hooks(fwd_hooks=fwd_hooks):
+            with self.hooks(fwd_hooks=[(names, save)] if names else []):
+                out = self(*args, **kwargs)
+        ordered = {n: store[n] for n in self.hook_dict if n in store}
+        return out, ActivationCache(ordered, self)

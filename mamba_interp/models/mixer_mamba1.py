@@ -1,0 +1,116 @@
+"""Mamba-1 mixer (Gu & Dao 2023, arXiv 2312.00752, §3 and Algorithm 2), hooked at every internal.
+
+Parameter names match mamba_ssm and transformers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``,
+``D``, ``out_proj``), so loading a checkpoint is a key rename. Index letters: see ``models/config.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamba_interp.models.config import MambaConfig
+from mamba_interp.models.hooks import HookPoint
+from mamba_interp.models.norms import RMSNorm
+from mamba_interp.models.ops import kernels
+from mamba_interp.models.ops.conv import causal_conv1d
+from mamba_interp.models.ops.dispatch import choose_scan
+from mamba_interp.models.state_hooks import states_with_substitution
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, cfg: MambaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank_value
+        self.in_proj = nn.Linear(cfg.d_model, 2 * e, bias=cfg.bias)  # x ∥ z
+        self.conv1d = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)  # δ ∥ B ∥ C
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.A_log = nn.Parameter(torch.empty(e, n))
+        self.D = nn.Parameter(torch.empty(e))
+        self.out_proj = nn.Linear(e, cfg.d_model, bias=cfg.bias)
+        self.bcdt_norm = RMSNorm(1, cfg.bcdt_rms_eps, weight=False) if cfg.bcdt_rms_eps is not None else None
+        # hook points, in execution order
+        self.hook_in_x = HookPoint()  # (b, l, e)
+        self.hook_in_z = HookPoint()  # (b, l, e)
+        self.hook_conv = HookPoint()  # (b, l, e) conv output before SiLU
+        self.hook_x = HookPoint()  # (b, l, e) SSM input u
+        self.hook_dt_low = HookPoint()  # (b, l, r)
+        self.hook_dt = HookPoint()  # (b, l, e) Δ
+        self.hook_B = HookPoint()  # (b, l, n)
+        self.hook_C = HookPoint()  # (b, l, n)
+        self.hook_dA = HookPoint(lazy=True)  # (b, l, e, n) exp(ΔA)
+        self.hook_h0 = HookPoint(lazy=True)  # (b, e, n)
+        self.hook_ssm_state = HookPoint(lazy=True)  # (b, l, e, n) state after token t
+        self.hook_y = HookPoint()  # (b, l, e) C·h + D·u
+        self.hook_gate = HookPoint()  # (b, l, e) silu(z)
+        self.hook_gated = HookPoint()  # (b, l, e) y·gate
+        self.hook_out = HookPoint()  # (b, l, d)
+        self.scan_impl = "auto"
+        self.last_scan = ""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's initialisation (S4D-real A, Δ log-uniform in [dt_min, dt_max] via the dt_proj bias)."""
+        cfg, e, n, r = self.cfg, self.cfg.d_inner, self.cfg.d_state, self.cfg.dt_rank_value
+        for lin in (self.in_proj, self.x_proj, self.out_proj):
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv1d.bias is not None:
+            nn.init.zeros_(self.conv1d.bias)
+        nn.init.uniform_(self.dt_proj.weight, -(r**-0.5), r**-0.5)
+        dt = torch.exp(torch.rand(e) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n))
+        self.D.fill_(1.0)
+
+    def _rms(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.bcdt_norm is None else self.bcdt_norm(t)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [b, l, d] (normalised residual), mask [b, l] or None -> [b, l, d]."""
+        cfg, dtype = self.cfg, hidden.dtype
+        if mask is not None:  # padding is zeroed before in_proj and after the conv, as in transformers
+            hidden = hidden * mask[..., None].to(dtype)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, e) each
+        x, z = self.hook_in_x(x), self.hook_in_z(z)
+        use_kernel_conv = self.scan_impl == "kernel" and kernels.causal_conv1d_fn is not None and x.is_cuda
+        conv = (kernels.causal_conv1d if use_kernel_conv else causal_conv1d)(x, self.conv1d.weight, self.conv1d.bias)
+        u = F.silu(self.hook_conv(conv))  # (b, l, e)
+        if mask is not None:
+            u = u * mask[..., None].to(u.dtype)
+        u = self.hook_x(u)
+        dt_low, B, C = self.x_proj(u).split([cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
+        dt_low, B, C = self.hook_dt_low(self._rms(dt_low)), self._rms(B), self._rms(C)
+        dt = self.hook_dt(F.softplus(self.dt_proj(dt_low)))  # (b, l, e)
+        B, C = self.hook_B(B), self.hook_C(C)  # (b, l, n)
+        y = self.hook_y(self.ssm(u, dt, B, C).to(dtype))  # (b, l, e)
+        gate = self.hook_gate(F.silu(z))
+        gated = self.hook_gated(y * gate)
+        return self.hook_out(self.out_proj(gated))
+
+    def ssm(self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """Selective scan with the lazily computed hooks; returns y = C·h + D·u in float32, (b, l, e)."""
+        A = -torch.exp(self.A_log.float())  # (e, n)
+        b, _, e = u.shape
+        materialise = self.hook_dA.active or self.hook_ssm_state.active
+        if materialise:  # hooks run in table order: dA, h0, ssm_state
+            u32, dt32 = u.float(), dt.float()
+            dA = self.hook_dA(torch.exp(torch.einsum("ble,en->blen", dt32, A)))  # (b, l, e, n)
+        h0 = None
+        if self.hook_h0.active:
+            h0 = self.hook_h0(torch.zeros(b, e, self.cfg.d_state, device=u.device, dtype=torch.float32))
+        if not materialise:
+            self.last_scan, scan = choose_scan("mamba1", self.scan_impl, u.device, h0 is not None)
+            return scan(u, dt, A, B, C, self.D, h0)[0]
+        self.last_scan = "materialised"
+        dBu = torch.einsum("ble,bln->blen", dt32 * u32, B.float())  # (b, l, e, n)
+        states = states_with_substitution(dA, dBu, h0, self.hook_ssm_state)  # (b, l, e, n)
+        return torch.einsum("blen,bln->ble", states, C.float()) + u32 * self.D.float()

@@ -1,0 +1,70 @@
+"""Which scan runs: chosen by device and by what the hooks need, explicitly, and logged once per choice.
+
+``scan_impl`` values: ``"auto"``; ``"reference"`` (step loop); ``"loop"`` (Mamba-1 blocked low-memory loop, the
+CPU default); ``"parallel"`` (Mamba-1 Hillis–Steele, the GPU default without kernels); ``"chunked"`` (Mamba-2
+chunked SSD, the default on every device without kernels); ``"kernel"`` (mamba_ssm's fused CUDA kernels).
+
+``style.md`` B5/B6: on CPU the low-memory loop beat parallel and chunked scans for Mamba-1; the chunked SSD is
+matmul-shaped for Mamba-2's scalar-per-head decay and wins there. On GPU per-step launches dominate, so a
+log-depth or chunked scan (or the fused kernel) is the default.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+
+from mamba_interp.models.ops import kernels
+from mamba_interp.models.ops.selective_scan import SCANS as M1_SCANS
+from mamba_interp.models.ops.ssd import SCANS as M2_SCANS
+
+logger = logging.getLogger("mamba_interp")
+
+SCAN_IMPLS = ("auto", "reference", "loop", "parallel", "chunked", "kernel")
+_VALID = {"mamba1": ("reference", "loop", "parallel", "kernel"), "mamba2": ("reference", "chunked", "kernel")}
+
+
+def validate_scan_impl(arch: str, impl: str) -> None:
+    if impl != "auto" and impl not in _VALID[arch]:
+        raise ValueError(f"scan_impl={impl!r} is not available for {arch}; use 'auto' or one of {_VALID[arch]}")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+def choose_scan(arch: str, requested: str, device: torch.device, has_h0: bool) -> tuple[str, Callable]:
+    """Return ``(name, fn)`` for the scan of one layer; raise if an explicit request cannot be honoured."""
+    validate_scan_impl(arch, requested)
+    on_cuda = device.type == "cuda"
+    kernel_ok = on_cuda and kernels.available(arch) and not (arch == "mamba1" and has_h0)
+    if requested == "kernel" and not kernel_ok:
+        why = (
+            "the device is not CUDA" if not on_cuda
+            else "mamba_ssm is not installed (pip install -r requirements-cuda.txt)" if not kernels.available(arch)
+            else "hook_h0 sets an initial state the Mamba-1 kernel cannot take"
+        )
+        raise RuntimeError(f"scan_impl='kernel' cannot run: {why}; use scan_impl='auto'")
+    if requested == "auto":
+        if kernel_ok:
+            name = "kernel"
+        elif arch == "mamba1":
+            name = "parallel" if on_cuda else "loop"
+        else:
+            name = "chunked"
+        if on_cuda and not kernel_ok:
+            reason = "mamba_ssm not installed" if not kernels.available(arch) else "hook_h0 needs the torch scan"
+            _log_once(f"mamba_interp: {arch} scan on {device.type} uses '{name}' (kernels unused: {reason})")
+        else:
+            _log_once(f"mamba_interp: {arch} scan on {device.type} uses '{name}'")
+    else:
+        name = requested
+    if name == "kernel":
+        fn = kernels.kernel_selective_scan if arch == "mamba1" else kernels.kernel_ssd
+    else:
+        fn = (M1_SCANS if arch == "mamba1" else M2_SCANS)[name]
+    return name, fn

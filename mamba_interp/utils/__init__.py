@@ -1,0 +1,1 @@
+"""Small shared utilities (atomic I/O, seeding, environment records)."""
