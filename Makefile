@@ -25,4 +25,4 @@ test-slow: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "slow or not slow" $(ARGS)
 
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) bench/bench_scan.py $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) bench/bench_model.py $(ARGS)
