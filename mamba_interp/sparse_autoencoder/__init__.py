@@ -1,0 +1,66 @@
+"""Sparse autoencoders: one core for ReLU/L1, TopK, BatchTopK and JumpReLU SAEs, metrics, analysis and I/O."""
+
+from mamba_interp.sparse_autoencoder.analysis import (
+    FeatureCorrelation,
+    TopExamples,
+    encode_activations,
+    feature_variable_correlation,
+    one_hot_variables,
+    top_activating_examples,
+)
+from mamba_interp.sparse_autoencoder.config import ARCHITECTURES, SAEConfig
+from mamba_interp.sparse_autoencoder.io import load_sae, save_sae
+from mamba_interp.sparse_autoencoder.metrics import (
+    FVUAccumulator,
+    LossRecovered,
+    RecoveryMetrics,
+    SAEMetrics,
+    cosine_matrix,
+    dictionary_recovery,
+    fvu,
+    kl_score,
+    loss_recovered,
+    mmcs,
+    sae_metrics,
+)
+from mamba_interp.sparse_autoencoder.model import SparseAutoencoder
+from mamba_interp.sparse_autoencoder.plots import (
+    plot_feature_density,
+    plot_feature_variable_matches,
+    plot_training_history,
+)
+from mamba_interp.sparse_autoencoder.synthetic import PlantedData, planted_features
+from mamba_interp.sparse_autoencoder.training import TrainHistory, geometric_median, train_sae
+
+__all__ = [
+    "ARCHITECTURES",
+    "FVUAccumulator",
+    "FeatureCorrelation",
+    "LossRecovered",
+    "PlantedData",
+    "RecoveryMetrics",
+    "SAEConfig",
+    "SAEMetrics",
+    "SparseAutoencoder",
+    "TopExamples",
+    "TrainHistory",
+    "cosine_matrix",
+    "dictionary_recovery",
+    "encode_activations",
+    "feature_variable_correlation",
+    "fvu",
+    "geometric_median",
+    "kl_score",
+    "load_sae",
+    "loss_recovered",
+    "mmcs",
+    "one_hot_variables",
+    "planted_features",
+    "plot_feature_density",
+    "plot_feature_variable_matches",
+    "plot_training_history",
+    "sae_metrics",
+    "save_sae",
+    "top_activating_examples",
+    "train_sae",
+]
