@@ -1,0 +1,228 @@
+"""Command line: ``mamba-interp run|train|list-steps|list-models|report``.
+
+``python mamba_mechanistic_analysis.py [options]`` is ``mamba-interp run [options]``. Bad input prints one line
+``mamba-interp: error: <problem>; <fix>`` on stderr and exits with code 2 before anything is written.
+Exit codes: 0 success, 1 a step failed (the others still ran; see the report), 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mamba_interp.pipeline.config import DTYPES, HOOK_CHOICES, SCAN_IMPLS, UsageError
+
+PROG = "mamba-interp"
+SUBCOMMANDS = ("run", "train", "list-steps", "list-models", "report")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see {self.prog} --help")
+
+
+def _run_parser(prog: str) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="Run the mechanistic-analysis pipeline on a Mamba model. With no options: every implemented "
+        "step on the embedded default zoo model, into a new folder under results/.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Options given on the command line override those of --config. Exit codes: 0 ok, 1 a step failed, "
+        "2 bad input, 130 interrupted.",
+    )
+    p.add_argument("--model", "-m", help="zoo name (see list-models), checkpoint folder, or hub id in the local "
+                   "Hugging Face cache (default: the embedded default zoo model)")
+    p.add_argument("--layer", "--layers", dest="layers", help="layers to analyse: an integer, a list 0,2, a range "
+                   "0-3, or all (default: all)")
+    p.add_argument("--samples", "-n", type=int, help="sequences per dataset (default 256)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="length of generated sequences (default: the task's)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per forward pass (default 64)")
+    p.add_argument("--steps", "-s", help="steps to run, e.g. 0-2,5 (default: all implemented; requirements are "
+                   "added automatically)")
+    p.add_argument("--output", "-o", help="output folder (default: results/<model>-<timestamp>)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default float32)")
+    p.add_argument("--scan-impl", dest="scan_impl", choices=SCAN_IMPLS,
+                   help="selective-scan implementation (default auto: chosen per device; see README, GPU)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is often fastest on a "
+                   "busy machine)")
+    p.add_argument("--config", "-c", help="YAML file with any of these options (keys as in RunConfig)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="skip steps whose result.json in --output matches this configuration")
+    p.add_argument("--task", help="task generator for a model without a card (e.g. induction)")
+    p.add_argument("--hooks", help=f"hooks step 2 collects, comma-separated, from: {', '.join(HOOK_CHOICES)}")
+    p.add_argument("--option", action="append", metavar="STEP.KEY=VALUE", default=None,
+                   help="a step option, e.g. sae.d_sae=512 (repeatable)")
+    p.add_argument("--no-figures", dest="figures", action="store_false", default=None,
+                   help="skip the figures (metrics and files only; faster)")
+    p.add_argument("--no-save-activations", dest="save_activations", action="store_false", default=None,
+                   help="do not write step 2's activations.safetensors")
+    p.add_argument("--quiet", "-q", action="store_true", default=None, help="no per-step lines or progress bars")
+    p.add_argument("--list-steps", action="store_true", help="list the implemented steps and exit")
+    return p
+
+
+def _step_options(items: list[str] | None, base: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    if not items:
+        return None
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items()}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        step, dot, name = key.partition(".")
+        if not sep or not dot or not step or not name:
+            raise UsageError(f"--option {item!r} is malformed; write STEP.KEY=VALUE, e.g. sae.d_sae=512")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(step.strip(), {})[name.strip()] = value
+    return out
+
+
+def list_steps() -> str:
+    from mamba_interp.pipeline.registry import all_steps
+
+    lines = [f"{'#':>3}  {'name':<14} {'requires':<10} title"]
+    for s in all_steps().values():
+        req = ",".join(map(str, s.requires)) or "-"
+        lines.append(f"{s.number:>3}  {s.name:<14} {req:<10} {s.title}")
+    return "\n".join(lines)
+
+
+def list_models() -> str:
+    from mamba_interp.pipeline.model_source import import_zoo
+
+    zoo = import_zoo()
+    if zoo is None:
+        return "the model zoo (mamba_interp.zoo) is not installed"
+    lines = []
+    for name in zoo.names():
+        try:
+            info = zoo.info(name)
+        except Exception as exc:  # a broken card should not hide the others
+            lines.append(f"{name}: card unreadable ({type(exc).__name__})")
+            continue
+        task = info.get("task")
+        task = task.get("name") if isinstance(task, dict) else task
+        default = " (default)" if name == getattr(zoo, "DEFAULT", None) else ""
+        acc = info.get("accuracy")
+        acc_s = f", accuracy {acc:.3f}" if isinstance(acc, (int, float)) else ""
+        lines.append(f"{name}{default}: {info.get('arch')}, task {task}{acc_s}")
+    return "\n".join(lines)
+
+
+def cmd_run(argv: list[str], prog: str = f"{PROG} run") -> int:
+    from mamba_interp.pipeline.config import build_config, read_config_file
+    from mamba_interp.pipeline.runner import Runner, print_line
+
+    args = _run_parser(prog).parse_args(argv)
+    if args.list_steps:
+        print(list_steps())
+        return 0
+    base_options = read_config_file(args.config).get("step_options", {}) if args.config else {}
+    fields = ("model", "layers", "samples", "seq_len", "batch_size", "steps", "output", "device", "dtype",
+              "scan_impl", "seed", "threads", "resume", "task", "hooks", "figures", "save_activations", "quiet")
+    overrides = {k: getattr(args, k) for k in fields}
+    overrides["step_options"] = _step_options(args.option, base_options if isinstance(base_options, dict) else {})
+    cfg = build_config(args.config, **overrides)
+    echo = (lambda line: None) if cfg.quiet else print_line
+    runner = Runner(cfg, echo=echo, argv=[prog.split()[0], *prog.split()[1:], *argv])
+    runner.prepare()
+    if not cfg.quiet:
+        src = runner.source
+        print_line(f"mamba_interp: model {src.name} ({src.kind}, {src.model.cfg.arch}, {src.model.cfg.n_layer} "
+                   f"layers) on {runner.device}; layers {','.join(map(str, runner.layers))}; steps "
+                   f"{','.join(map(str, runner.planned))}; output {runner.out_dir}")
+    try:
+        summary = runner.run()
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; partial results are in {runner.out_dir}; rerun with --resume --output "
+              f"{runner.out_dir} to continue", file=sys.stderr)
+        return 130
+    finally:
+        runner.close()
+    if summary.failed:
+        names = ", ".join(f"{n} ({summary.records[n].step.name})" for n in summary.failed)
+        print(f"{PROG}: step(s) {names} failed; details in {summary.out_dir / 'run.log'}", file=sys.stderr)
+    print(f"Report: {summary.report if summary.report else summary.out_dir}")
+    return summary.exit_code
+
+
+def cmd_report(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from mamba_interp.pipeline.report import write_report
+
+    p = _Parser(prog=f"{PROG} report", description="Rebuild report.html of a run folder.")
+    p.add_argument("output", help="the run's output folder")
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    if not (out / "manifest.json").is_file():
+        raise UsageError(f"{args.output!r} holds no manifest.json; pass a pipeline output folder")
+    print(f"Report: {write_report(out)}")
+    return 0
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Mechanistic interpretability for Mamba-1 / Mamba-2 models.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="commands:\n  run           run the analysis pipeline (mamba-interp run --help)\n"
+                "  train         train a tiny model on a synthetic task (mamba-interp train --help)\n"
+                "  list-steps    list the implemented pipeline steps\n"
+                "  list-models   list the model zoo\n"
+                "  report OUT    rebuild OUT/report.html\n"
+                "Without a command, options are those of run.")
+    p.add_argument("command", nargs="?", choices=SUBCOMMANDS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mamba-interp`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in ("-h", "--help"):
+            _top_parser().print_help()
+            return 0
+        if not argv or argv[0].startswith("-"):
+            return cmd_run(argv)
+        command, rest = argv[0], argv[1:]
+        if command == "run":
+            return cmd_run(rest)
+        if command == "train":
+            from mamba_interp.tasks.training import main as train_main
+
+            return int(train_main(rest) or 0)
+        if command == "list-steps":
+            _Parser(prog=f"{PROG} list-steps").parse_args(rest)
+            print(list_steps())
+            return 0
+        if command == "list-models":
+            _Parser(prog=f"{PROG} list-models").parse_args(rest)
+            print(list_models())
+            return 0
+        if command == "report":
+            return cmd_report(rest)
+        raise UsageError(f"unknown command {command!r}; use one of {', '.join(SUBCOMMANDS)} (see {PROG} --help)")
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """``python mamba_mechanistic_analysis.py``: the ``run`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return cmd_run(argv, prog="mamba_mechanistic_analysis.py")
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

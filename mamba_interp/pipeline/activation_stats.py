@@ -1,0 +1,277 @@
+"""Collect activations at chosen layers/hooks and compute their baseline statistics (pipeline step 2).
+
+Index letters as in ``models/config.py``; in addition N = number of scored tokens (valid positions of all
+sequences) and k = the flattened feature width of one hook (e.g. e for ``hook_x`` of Mamba-1, h·p = e for
+Mamba-2, g·n for ``hook_B`` of Mamba-2).
+
+Statistics per (layer, hook), over the N valid tokens:
+
+* mean, std, RMS of all entries; excess kurtosis (Fisher, ``scipy.stats.kurtosis``) of all entries pooled and
+  the median of the per-dimension kurtoses. Heavy-tailed activations ("massive activations", outlier features)
+  show up as a large pooled kurtosis (Bondarenko et al. 2023; Sun et al. 2024);
+* per-dimension RMS; a dimension is *near-dead* when its RMS is below ``dead_threshold`` x the median
+  dimension's RMS, and an *outlier* when above ``outlier_ratio`` x it (Dettmers et al. 2022 flag features of
+  magnitude >= 6 in transformers);
+* for Δ (``hook_dt``): per channel (Mamba-1) or head (Mamba-2) quantiles, the coefficient of variation over
+  tokens (how input-dependent, i.e. selective, Δ is; Gu & Dao 2023 §3.5.2) and the e-folding memory timescale
+  1 / (median Δ · min_n |A|) in tokens of the slowest state mode (Mamba-2: 1 / (median Δ_h · |A_h|));
+* ``state_norm``: the L2 norm of the SSM state after each token, per channel (Mamba-1, over n) or per head
+  (Mamba-2, over p and n). It is computed inside the forward from ``hook_ssm_state`` and reduced at once, so the
+  [b, l, e, n] states of one layer exist only while that layer runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mamba_interp.models.cache import get_act_name
+
+STATE_NORM = "state_norm"
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def hook_name(short: str, layer: int) -> str:
+    """Full name of a short hook at a layer; ``state_norm`` becomes ``blocks.i.mixer.ssm_state_norm``."""
+    if short == STATE_NORM:
+        return f"blocks.{layer}.mixer.ssm_state_norm"
+    return get_act_name(short, layer)
+
+
+def available_hooks(arch: str) -> tuple[str, ...]:
+    from mamba_interp.pipeline.config import HOOK_CHOICES
+
+    return tuple(h for h in HOOK_CHOICES if not (arch == "mamba2" and h == "dt_low"))
+
+
+# ---- collection --------------------------------------------------------------------------------
+@dataclass
+class ActivationSet:
+    """Activations of one dataset: ``acts[(short, layer)]`` is a float32 CPU tensor [b, l, k].
+
+    ``shapes[(short, layer)]`` keeps the hook's own trailing shape (e.g. ``(h, p)`` for Mamba-2's ``x``) so
+    ``acts[...].reshape(b, l, *shape)`` restores it. ``mask`` [b, l] bool marks real (non-padding) positions.
+    """
+
+    acts: dict[tuple[str, int], torch.Tensor]
+    shapes: dict[tuple[str, int], tuple[int, ...]]
+    mask: torch.Tensor
+    layers: tuple[int, ...]
+    hooks: tuple[str, ...]
+
+    def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
+        return self.acts[key]
+
+    def tokens(self, short: str, layer: int) -> torch.Tensor:
+        """[N, k]: the activation at every valid position (row-major: sequence, then position)."""
+        return self.acts[(short, layer)][self.mask]
+
+    def coords(self) -> torch.Tensor:
+        """[N, 2] long: (sequence, position) of each row of :meth:`tokens`, to join with per-example metadata."""
+        return self.mask.nonzero()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.acts.values())
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {hook_name(s, i): t for (s, i), t in self.acts.items()}
+        out["mask"] = self.mask.to(torch.uint8)
+        return out
+
+    def save(self, path: str | Path, save: Callable[..., Any] | None = None) -> None:
+        """Write to a safetensors file (``save(name, tensors, metadata)`` lets a step context record it)."""
+        import json
+
+        meta = {"layers": json.dumps(list(self.layers)), "hooks": json.dumps(list(self.hooks)),
+                "shapes": json.dumps({hook_name(s, i): list(v) for (s, i), v in self.shapes.items()})}
+        if save is not None:
+            save(Path(path).name, self.to_tensors(), meta)
+            return
+        from safetensors.torch import save_file
+
+        from mamba_interp.utils.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.to_tensors().items()}, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationSet:
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            layers, hooks = tuple(json.loads(meta["layers"])), tuple(json.loads(meta["hooks"]))
+            shapes_by_name = json.loads(meta["shapes"])
+            acts, shapes = {}, {}
+            for i in layers:
+                for s in hooks:
+                    acts[(s, i)] = f.get_tensor(hook_name(s, i))
+                    shapes[(s, i)] = tuple(shapes_by_name[hook_name(s, i)])
+            mask = f.get_tensor("mask").bool()
+        return cls(acts, shapes, mask, layers, hooks)
+
+
+def _state_norm(state: torch.Tensor) -> torch.Tensor:
+    """[b, l, e, n] -> [b, l, e] (Mamba-1); [b, l, h, p, n] -> [b, l, h] (Mamba-2)."""
+    dims = (-1,) if state.dim() == 4 else (-2, -1)
+    return torch.linalg.vector_norm(state.float(), dim=dims)
+
+
+@torch.no_grad()
+def collect_activations(
+    model: Any,
+    tokens: torch.Tensor,
+    layers: Sequence[int],
+    hooks: Sequence[str],
+    batch_size: int,
+    attention_mask: torch.Tensor | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> ActivationSet:
+    """Run ``tokens`` [b, l] through ``model`` in batches and keep the chosen hooks at the chosen layers.
+
+    Each batch is reduced to float32 CPU tensors as soon as a hook fires; ``state_norm`` hooks
+    ``hook_ssm_state`` and keeps only the norm.
+    """
+    device = next(model.parameters()).device
+    b_total, l_total = tokens.shape
+    # preallocated [b, l, k] outputs, filled batch by batch (no list of chunks + cat: half the peak memory)
+    store: dict[tuple[str, int], torch.Tensor] = {}
+    shapes: dict[tuple[str, int], tuple[int, ...]] = {}
+    offset = [0]
+
+    def saver(key: tuple[str, int]) -> Callable:
+        def fn(t: torch.Tensor, hook: Any) -> None:
+            raw = _state_norm(t) if key[0] == STATE_NORM else t.detach()
+            v = raw.reshape(raw.shape[0], raw.shape[1], -1)  # (b, l, k)
+            if key not in store:
+                shapes[key] = tuple(raw.shape[2:])
+                store[key] = torch.empty(b_total, l_total, v.shape[-1], dtype=torch.float32)
+            store[key][offset[0]:offset[0] + v.shape[0]] = v.float().cpu()
+        return fn
+
+    fwd_hooks = []
+    for i in layers:
+        for s in hooks:
+            name = f"blocks.{i}.mixer.hook_ssm_state" if s == STATE_NORM else get_act_name(s, i)
+            fwd_hooks.append((name, saver((s, i))))
+    starts = range(0, tokens.shape[0], batch_size)
+    for start in (progress(starts) if progress is not None else starts):
+        offset[0] = start
+        ids = tokens[start:start + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        # stop after the last analysed layer: nothing later is needed
+        stop = max(layers) + 1
+        stop_at = None if stop >= model.cfg.n_layer else stop
+        model.run_with_hooks(ids, attention_mask=mask, stop_at_layer=stop_at, fwd_hooks=fwd_hooks)
+    acts = {(s, i): store[(s, i)] for i in layers for s in hooks}
+    valid = torch.ones(tokens.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    return ActivationSet(acts, shapes, valid, tuple(layers), tuple(hooks))
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+@dataclass
+class HookStats:
+    """Statistics of one hook at one layer. Scalars go to ``result.json``; per-dimension arrays to files."""
+
+    summary: dict[str, Any]
+    per_dim: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _kurtosis(x: np.ndarray, axis: int | None) -> np.ndarray | float:
+    from scipy import stats
+
+    with np.errstate(all="ignore"):
+        return stats.kurtosis(x, axis=axis, fisher=True, bias=True)
+
+
+def baseline_stats(x: torch.Tensor, dead_threshold: float = 0.01, outlier_ratio: float = 5.0,
+                   top: int = 10) -> HookStats:
+    """Statistics of ``x`` [N, k] (N tokens, k dimensions); see the module docstring."""
+    a = x.detach().double().cpu().numpy()  # (N, k)
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"baseline_stats needs [N >= 2 tokens, k dims], got {tuple(a.shape)}")
+    mean_d, std_d = a.mean(0), a.std(0)  # (k,)
+    rms_d = np.sqrt((a * a).mean(0))  # (k,)
+    kurt_d = np.asarray(_kurtosis(a, axis=0), dtype=np.float64)  # (k,) nan for constant dims
+    median_rms = float(np.median(rms_d))
+    scale = max(median_rms, np.finfo(np.float64).tiny)
+    ratio = rms_d / scale  # (k,)
+    dead = ratio < dead_threshold
+    outlier = ratio > outlier_ratio
+    order = np.argsort(-ratio)
+    outliers = [int(i) for i in order if outlier[i]][:top]
+    flat = a.reshape(-1)
+    pooled_kurt = float(_kurtosis(flat, axis=None)) if flat.std() > 0 else float("nan")
+    summary = {
+        "dims": int(a.shape[1]),
+        "tokens": int(a.shape[0]),
+        "mean": float(flat.mean()),
+        "std": float(flat.std()),
+        "rms": float(np.sqrt((flat * flat).mean())),
+        "abs_max": float(np.abs(flat).max()),
+        "kurtosis": pooled_kurt,
+        "kurtosis_dim_median": float(np.nanmedian(kurt_d)) if np.isfinite(kurt_d).any() else float("nan"),
+        "median_dim_rms": median_rms,
+        "max_rms_ratio": float(ratio.max()),
+        "dead_fraction": float(dead.mean()),
+        "n_dead": int(dead.sum()),
+        "n_outlier": int(outlier.sum()),
+        "outlier_dims": outliers,
+    }
+    per_dim = {"mean": mean_d, "std": std_d, "rms": rms_d, "kurtosis": kurt_d}
+    return HookStats(summary, per_dim)
+
+
+def delta_stats(dt: torch.Tensor, A: torch.Tensor, seq_len: int) -> HookStats:
+    """Δ distribution per channel/head: dt [N, k] (k = e for Mamba-1, h for Mamba-2), A the (negative) decay
+    rates: [e, n] (Mamba-1) or [h] (Mamba-2)."""
+    d = dt.detach().double().cpu().numpy()  # (N, k)
+    a = A.detach().double().cpu().abs().numpy()
+    slowest = a.min(axis=1) if a.ndim == 2 else a  # (k,) slowest decay rate |A| per channel / head
+    if slowest.shape[0] != d.shape[1]:
+        raise ValueError(f"delta_stats: dt has {d.shape[1]} channels but A has {slowest.shape[0]}")
+    q = np.quantile(d, QUANTILES, axis=0)  # (5, k)
+    med = q[2]
+    mean = d.mean(0)
+    cv = d.std(0) / np.maximum(mean, 1e-12)  # (k,) coefficient of variation over tokens
+    with np.errstate(divide="ignore"):
+        tau = 1.0 / np.maximum(med * slowest, 1e-30)  # (k,) e-folding time in tokens of the slowest mode
+    summary = {
+        "channels": int(d.shape[1]),
+        "median": float(np.median(d)),
+        "mean": float(d.mean()),
+        "channel_median_min": float(med.min()),
+        "channel_median_max": float(med.max()),
+        "cv_median": float(np.median(cv)),
+        "cv_max": float(cv.max()),
+        "most_selective": [int(i) for i in np.argsort(-cv)[:5]],
+        "timescale_median": float(np.median(tau)),
+        "timescale_max": float(tau.max()),
+        "long_memory_fraction": float((tau > seq_len).mean()),
+    }
+    per_dim = {"quantiles": q, "cv": cv, "timescale": tau}
+    return HookStats(summary, per_dim)
+
+
+def per_head(x: torch.Tensor, heads: int) -> np.ndarray:
+    """RMS per head of ``x`` [N, h·p] (Mamba-2's x, y): -> [h]."""
+    a = x.detach().double().cpu().numpy()
+    n, k = a.shape
+    if k % heads:
+        raise ValueError(f"per_head: width {k} is not a multiple of {heads} heads")
+    return np.sqrt((a.reshape(n, heads, k // heads) ** 2).mean(axis=(0, 2)))
+
+
+def norm_by_position(norm: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Mean over batch and channels of a [b, l, k] norm at each position (masked positions excluded) -> [l]."""
+    m = mask.float()[..., None]  # (b, l, 1)
+    total = (norm * m).sum(dim=(0, 2))
+    count = (m.expand_as(norm)).sum(dim=(0, 2)).clamp(min=1)
+    return (total / count).double().numpy()

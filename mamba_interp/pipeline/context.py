@@ -1,0 +1,145 @@
+"""What a step receives (:class:`StepContext`) and what it returns (:class:`StepResult`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mamba_interp.utils.io import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mamba_interp.models import HookedMamba
+    from mamba_interp.pipeline.config import RunConfig
+    from mamba_interp.pipeline.model_source import ModelSource
+    from mamba_interp.pipeline.registry import Step
+
+
+@dataclass
+class StepResult:
+    """The outcome of one step.
+
+    metrics: JSON-able numbers (nested dicts/lists fine; numpy/torch scalars are converted); written to
+        ``result.json`` and shown in the report. Keep them summaries; per-dimension arrays belong in files.
+    reading: a few sentences generated from the numbers ("3 of 128 channels are outliers ..."); the report
+        shows it first.
+    artifacts: extra files (relative to the step folder) to list; figures and tensors saved through
+        ``ctx.save_figure`` / ``ctx.save_tensors`` / ``ctx.save_json`` are added automatically.
+    data: in-memory objects for later steps of the same run (tensors, task objects); never written.
+    """
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reading: str = ""
+    artifacts: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """Everything a step may use. Build nothing global: take it from here.
+
+    model / device / dtype: the loaded model, already on ``device`` (which may be CPU after an OOM fallback).
+    config: the validated :class:`RunConfig`; ``options``: this step's options dataclass (or None).
+    seed: this step's seed (derived from ``config.seed`` and the step number; torch, numpy and ``random`` are
+        already seeded with it, so a step is deterministic whether or not earlier steps ran in this process).
+    batch_size: sequences per forward pass; use it (not ``config.batch_size``), the OOM fallback lowers it.
+    out_dir: the step's folder ``OUT/step_NN_<name>/`` (created empty before the step starts).
+    source: where the model came from (zoo card with task and task parameters, folder, tokenizer access).
+    layers: the resolved layer indices to analyse.
+    results: earlier steps' :class:`StepResult` by number (metrics of resumed steps come from their JSON).
+    log: a logger writing to the run's log file.
+    """
+
+    step: Step
+    config: RunConfig
+    model: HookedMamba
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    batch_size: int
+    out_dir: Path
+    source: ModelSource
+    layers: tuple[int, ...]
+    results: Mapping[int, StepResult]
+    log: logging.Logger
+    options: Any = None
+    _data: Mapping[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _artifacts: list[str] = field(default_factory=list, repr=False)
+
+    # ---- inputs from earlier steps ---------------------------------------------------------------
+    def data(self, step: int) -> dict[str, Any]:
+        """In-memory data of an earlier step this step ``requires`` (loaded from disk on resume)."""
+        if step not in self._data:
+            raise KeyError(
+                f"step {self.step.number} asked for data of step {step}; add {step} to its register_step(requires=...)"
+            )
+        return self._data[step]
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """Metrics of an earlier step of this run."""
+        return self.results[step].metrics
+
+    # ---- progress --------------------------------------------------------------------------------
+    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", **kw: Any):
+        """A tqdm progress bar labelled with the step (hidden when stderr is not a terminal or ``quiet``)."""
+        from tqdm.auto import tqdm
+
+        label = f"step {self.step.number:02d} {self.step.name}" + (f": {desc}" if desc else "")
+        disable = True if self.config.quiet else None
+        return tqdm(iterable, total=total, desc=label, leave=False, disable=disable, dynamic_ncols=True, **kw)
+
+    # ---- outputs -----------------------------------------------------------------------------------
+    def _register(self, path: Path) -> str:
+        rel = path.relative_to(self.out_dir).as_posix()
+        if rel not in self._artifacts:
+            self._artifacts.append(rel)
+        return rel
+
+    def path(self, name: str) -> Path:
+        """A path inside the step folder (for files written by other means; list it in ``artifacts``)."""
+        return self.out_dir / name
+
+    def save_figure(self, fig: Any, name: str, dpi: int = 100) -> Path:
+        """Save a matplotlib figure as ``<name>.png`` (atomically), close it, record it as an artifact."""
+        import matplotlib.pyplot as plt
+
+        target = self.out_dir / (name if name.endswith(".png") else f"{name}.png")
+        # a figure with a layout engine (layout="constrained") is already laid out; "tight" would redo the work
+        bbox = "tight" if fig.get_layout_engine() is None else None
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches=bbox)
+        plt.close(fig)
+        self._register(target)
+        return target
+
+    def save_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+                     ) -> Path:
+        """Save tensors as ``<name>.safetensors`` (atomically; contiguous CPU copies) and record it."""
+        from safetensors.torch import save_file
+
+        target = self.out_dir / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+        clean: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        for k, v in tensors.items():
+            v = v.detach().to("cpu").contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            if ptr in storages:  # safetensors refuses tensors sharing memory (e.g. views of one array)
+                v = v.clone()
+            storages.add(v.untyped_storage().data_ptr())
+            clean[k] = v
+        with atomic_path(target) as tmp:
+            save_file(clean, str(tmp), metadata=metadata)
+        self._register(target)
+        return target
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        from mamba_interp.utils.io import atomic_write_json
+
+        target = self.out_dir / (name if name.endswith(".json") else f"{name}.json")
+        atomic_write_json(target, obj)
+        self._register(target)
+        return target

@@ -1,0 +1,220 @@
+"""``report.html``: one self-contained page per run (figures embedded as base64 PNG, no external files).
+
+Built only from what is on disk (``manifest.json`` and every ``step_NN_*/result.json``), so it can be rebuilt
+at any time with ``mamba-interp report OUT``. Layout: run header (model, device, seed, versions), an index of
+steps with status and time, then one section per step: status, the generated reading, a metrics table, figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from mamba_interp.utils.io import atomic_write_text
+
+MAX_ROWS = 400  # metric rows per step shown in the table; the rest stay in result.json
+MAX_LIST = 12  # list items shown inline
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{font-size:1.6em;margin:0 0 4px} h2{font-size:1.25em;margin:0 0 8px} h3{font-size:1em;margin:14px 0 6px}
+section{background:#fff;border:1px solid #dfe3ea;border-radius:8px;padding:16px 20px;margin:16px 0}
+table{border-collapse:collapse;font-size:.86em;width:100%} td,th{padding:3px 8px;border-bottom:1px solid #eef0f4;
+text-align:left;vertical-align:top} th{background:#f1f3f7} td.num{font-family:ui-monospace,Menlo,monospace}
+.status{display:inline-block;padding:1px 8px;border-radius:10px;font-size:.8em;font-weight:600;color:#fff}
+.completed{background:#2e8b57}.failed{background:#c0392b}.skipped{background:#8a8f98}.running,.interrupted,
+.pending{background:#d68910}
+.reading{background:#f3f7ff;border-left:4px solid #4a78d0;padding:8px 12px;margin:8px 0;line-height:1.45}
+img{max-width:100%;border:1px solid #eef0f4;margin:6px 0} pre{white-space:pre-wrap;font-size:.8em;
+background:#fbf3f2;padding:8px;border-radius:4px;max-height:320px;overflow:auto}
+.meta{color:#5d6778;font-size:.88em} a{color:#2a5db0}
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        shown = ", ".join(_fmt(v) for v in value[:MAX_LIST])
+        if len(value) > MAX_LIST:
+            return f"[{shown}, …] ({len(value)})"
+        return f"[{shown}]"
+    if value is None:
+        return "—"
+    return str(value)
+
+
+def flatten(metrics: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts -> ``[("a.b.c", value)]``; lists stay values (shown truncated)."""
+    rows: list[tuple[str, Any]] = []
+    if isinstance(metrics, dict):
+        for k, v in metrics.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                rows.extend(flatten(v, key))
+            else:
+                rows.append((key, v))
+    else:
+        rows.append((prefix, metrics))
+    return rows
+
+
+def _is_grid(node: Any) -> bool:
+    """A dict of >= 2 dicts sharing the same scalar-valued keys: shown as one table (rows x columns)."""
+    if not isinstance(node, dict) or len(node) < 2 or not all(isinstance(v, dict) and v for v in node.values()):
+        return False
+    keys = [tuple(v) for v in node.values()]
+    return len(set(keys)) == 1 and all(not isinstance(x, dict) for v in node.values() for x in v.values())
+
+
+def split_tables(metrics: Any, prefix: str = "") -> tuple[list[tuple[str, Any]], list[tuple[str, dict]]]:
+    """Scalar rows ``[("a.b", value)]`` and grids ``[("a.c", {row: {col: value}})]`` (see :func:`_is_grid`)."""
+    rows: list[tuple[str, Any]] = []
+    grids: list[tuple[str, dict]] = []
+    if isinstance(metrics, dict):
+        for k, v in metrics.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if _is_grid(v):
+                grids.append((key, v))
+            elif isinstance(v, dict) and v:
+                r, g = split_tables(v, key)
+                rows += r
+                grids += g
+            else:
+                rows.append((key, v))
+    else:
+        rows.append((prefix, metrics))
+    return rows, grids
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def _step_section(folder: Path, result: dict[str, Any]) -> str:
+    e = html.escape
+    n, name, status = result.get("step"), result.get("name", folder.name), result.get("status", "unknown")
+    out = [f'<section id="step-{n}"><h2>Step {n}: {e(str(result.get("title") or name))} '
+           f'<span class="status {e(status)}">{e(status)}</span></h2>']
+    dur = result.get("duration_s")
+    meta = [f"folder <code>{e(folder.name)}</code>"]
+    if dur is not None:
+        meta.append(f"{dur:.1f} s")
+    if result.get("device"):
+        meta.append(f"device {e(str(result['device']))}, batch {result.get('batch_size')}")
+    out.append(f'<p class="meta">{" · ".join(meta)}</p>')
+    for fb in result.get("fallbacks") or []:
+        out.append(f'<p class="meta">out-of-memory fallback: {e(fb.get("action", ""))} → batch '
+                   f'{fb.get("batch_size")} on {e(str(fb.get("device")))}</p>')
+    if result.get("reason"):
+        out.append(f'<p class="reading">Skipped: {e(result["reason"])}</p>')
+    if result.get("error"):
+        err = result["error"]
+        out.append(f'<p class="reading">Failed with {e(err.get("type", "error"))}: {e(err.get("message", ""))}</p>')
+        if err.get("traceback"):
+            out.append(f"<details><summary>traceback</summary><pre>{e(err['traceback'])}</pre></details>")
+    if result.get("reading"):
+        out.append(f'<div class="reading">{e(result["reading"])}</div>')
+    for art in result.get("artifacts") or []:
+        p = folder / art
+        if p.suffix.lower() == ".png" and p.is_file():
+            out.append(f"<h3>{e(p.stem.replace('_', ' '))}</h3>{_img(p)}")
+    rows, grids = split_tables(result.get("metrics") or {})
+    if rows:
+        out.append("<h3>metrics</h3><table><tr><th>metric</th><th>value</th></tr>")
+        for key, value in rows[:MAX_ROWS]:
+            out.append(f'<tr><td>{e(key)}</td><td class="num">{e(_fmt(value))}</td></tr>')
+        out.append("</table>")
+        if len(rows) > MAX_ROWS:
+            out.append(f'<p class="meta">{len(rows) - MAX_ROWS} more rows in result.json</p>')
+    for key, grid in grids:
+        cols = list(next(iter(grid.values())))
+        out.append(f"<h3>{e(key)}</h3><table><tr><th></th>" + "".join(f"<th>{e(str(c))}</th>" for c in cols) + "</tr>")
+        for name, row in grid.items():
+            cells = "".join(f'<td class="num">{e(_fmt(row[c]))}</td>' for c in cols)
+            out.append(f"<tr><td>{e(str(name))}</td>{cells}</tr>")
+        out.append("</table>")
+    others = [a for a in (result.get("artifacts") or []) if not a.lower().endswith(".png")]
+    if others:
+        out.append(f'<p class="meta">files: {", ".join(e(a) for a in others)}</p>')
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def build_report(out_dir: str | Path) -> str:
+    """The HTML text of the report for the run in ``out_dir``."""
+    out = Path(out_dir)
+    e = html.escape
+    manifest: dict[str, Any] = {}
+    mpath = out / "manifest.json"
+    if mpath.is_file():
+        manifest = json.loads(mpath.read_text())
+    results: list[tuple[Path, dict[str, Any]]] = []
+    for folder in sorted(out.glob("step_*")):
+        rp = folder / "result.json"
+        if rp.is_file():
+            results.append((folder, json.loads(rp.read_text())))
+    by_folder = {f.name: r for f, r in results}
+    model = manifest.get("model", {})
+    title = f"mamba_interp report: {model.get('name', out.name)}"
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+             f"<style>{CSS}</style></head><body><main>", f"<h1>{e(title)}</h1>"]
+    if manifest:
+        versions = manifest.get("versions", {})
+        git = manifest.get("git") or {}
+        facts = [
+            f"run status <b>{e(str(manifest.get('status')))}</b>",
+            f"updated {e(str(manifest.get('updated_at')))}",
+            f"model {e(str(model.get('spec')))} ({e(str(model.get('arch')))}, {model.get('n_layer')} layers, "
+            f"fingerprint {e(str(model.get('fingerprint')))})",
+            f"device {e(str(manifest.get('device', {}).get('name')))}",
+            f"dtype {e(str(manifest.get('dtype')))}",
+            f"seed {manifest.get('seed')}",
+            f"layers {e(str(manifest.get('layers')))}",
+        ]
+        libs = [f"{name} {e(str(versions.get(name)))}" for name in ("torch", "transformers", "python")]
+        if git:
+            libs.append(f"git {e(str(git.get('revision'))[:12])}" + (" (dirty)" if git.get("dirty") else ""))
+        parts.append(f'<p class="meta">{" · ".join(facts)}<br>{" · ".join(libs)}</p>')
+    # index: the manifest's steps (planned in this run), else whatever is on disk
+    index = manifest.get("steps") or [
+        {"step": r.get("step"), "name": r.get("name"), "status": r.get("status"), "duration_s": r.get("duration_s"),
+         "folder": f.name} for f, r in results
+    ]
+    parts.append("<section><h2>Steps</h2><table><tr><th>#</th><th>step</th><th>status</th><th>time</th>"
+                 "<th>note</th></tr>")
+    for entry in index:
+        folder = entry.get("folder", "")
+        res = by_folder.get(folder, {})
+        status = entry.get("status") or res.get("status", "")
+        dur = entry.get("duration_s")
+        note = "resumed" if entry.get("resumed") else (entry.get("reason") or "")
+        parts.append(
+            f'<tr><td>{entry.get("step")}</td><td><a href="#step-{entry.get("step")}">{e(str(entry.get("name")))}'
+            f'</a></td><td><span class="status {e(str(status))}">{e(str(status))}</span></td>'
+            f'<td class="num">{"" if dur is None else f"{dur:.1f} s"}</td><td>{e(str(note))}</td></tr>'
+        )
+    parts.append("</table></section>")
+    listed = {entry.get("folder") for entry in index}
+    for folder, result in results:
+        if folder.name in listed:  # a folder left by an earlier run with other steps is not this run's result
+            parts.append(_step_section(folder, result))
+    if manifest:
+        cfg = json.dumps(manifest.get("config", {}), indent=2)
+        parts.append(f"<section><h2>Configuration</h2><pre>{e(cfg)}</pre></section>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.html`` atomically and return its path."""
+    target = Path(out_dir) / "report.html"
+    atomic_write_text(target, build_report(out_dir))
+    return target

@@ -1,0 +1,534 @@
+"""The pipeline runner: validates a run, executes the selected steps and writes every output (DESIGN.md §4).
+
+Output layout::
+
+    OUT/manifest.json                 config, seed, versions, model fingerprint, git revision, per-step status/time
+    OUT/run.log                       the log of every run into OUT (appended)
+    OUT/step_NN_<name>/result.json    step, name, status, duration_s, config, metrics, artifacts, reading, ...
+    OUT/step_NN_<name>/*.png, ...     the step's figures and files
+    OUT/report.html                   self-contained report (see ``report.py``)
+
+Guarantees:
+
+* All validation (config, model, layers, hooks, steps, output folder, device) happens in :meth:`Runner.prepare`
+  before anything is written; failures are :class:`UsageError`.
+* A step folder is emptied when its step starts, and ``result.json`` is written atomically only when the step
+  ends, so a run killed mid-step leaves no result that looks complete; ``--resume`` re-runs it.
+* ``--resume`` skips a step whose ``result.json`` is ``completed`` for the same result-relevant config
+  (``RunConfig.result_key``), model fingerprint and step version.
+* A failing step is recorded (``status: failed`` with the error) and the run goes on; steps that require it
+  are recorded as ``skipped`` with the reason.
+* CUDA out-of-memory inside a step: retried with half the batch (twice), then on CPU; each fallback is recorded
+  in ``result.json["fallbacks"]``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mamba_interp.pipeline import environment as env
+from mamba_interp.pipeline.config import RunConfig, UsageError
+from mamba_interp.pipeline.context import StepContext, StepResult
+from mamba_interp.pipeline.model_source import ModelSource, load_model_source
+from mamba_interp.pipeline.registry import Step, StepSkipped, all_steps, get_step, with_requirements
+from mamba_interp.utils.io import atomic_write_json
+
+logger = logging.getLogger("mamba_interp.pipeline")
+
+MANIFEST_FORMAT = "mamba_interp.run/1"
+MAX_HALVINGS = 2
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA (or allocator) out-of-memory errors, the only ones a smaller batch or the CPU can fix."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+
+
+def check_output_folder(path: Path) -> None:
+    """Raise :class:`UsageError` unless ``path`` is (or can become) a writable folder. Writes nothing."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output path {str(path)!r} is a file; pass a folder path to --output")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"output path {str(path)!r} lies under the file {str(ancestor)!r}; choose another --output")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {str(ancestor)!r} is not writable; choose another --output")
+
+
+def make_output_folder(path: Path) -> None:
+    """Create ``path`` and prove it writable; on failure remove what was created and raise :class:`UsageError`."""
+    created: list[Path] = []
+    p = path
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        for c in created:  # deepest first
+            try:
+                c.rmdir()
+            except OSError:
+                pass
+        raise UsageError(
+            f"output folder {str(path)!r} is not writable ({exc.strerror or type(exc).__name__}); "
+            "choose another --output"
+        ) from None
+
+
+@dataclass
+class StepRecord:
+    """The runner's view of one step in this run (mirrored in ``manifest.json``)."""
+
+    step: Step
+    status: str = "pending"  # pending | running | completed | failed | skipped | interrupted
+    duration_s: float | None = None
+    resumed: bool = False
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step.number, "name": self.step.name, "title": self.step.title, "status": self.status,
+                "duration_s": self.duration_s, "resumed": self.resumed, "reason": self.reason,
+                "folder": self.step.folder_name}
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    report: Path | None
+    records: dict[int, StepRecord] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[int]:
+        return [n for n, r in self.records.items() if r.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+class Runner:
+    """Runs pipeline steps for one :class:`RunConfig`. ``Runner(cfg).run()`` is what the CLI does.
+
+    ``echo`` receives one human-readable line per step (the CLI prints them; the analyzer may silence them).
+    """
+
+    def __init__(self, config: RunConfig, echo: Callable[[str], None] | None = None,
+                 argv: list[str] | None = None, source: ModelSource | None = None) -> None:
+        if not isinstance(config, RunConfig):
+            raise TypeError(f"Runner needs a RunConfig, got {type(config).__name__}")
+        self.config = config
+        self.echo = echo if echo is not None else (lambda line: None)
+        self.argv = list(argv) if argv is not None else None
+        self.source: ModelSource | None = source
+        self.prepared = False
+        self.results: dict[int, StepResult] = {}
+        self.data: dict[int, dict[str, Any]] = {}
+        self.records: dict[int, StepRecord] = {}
+        self._log_handler: logging.Handler | None = None
+        self._manifest_created = _now()
+        self._status = "running"
+
+    # ---- preparation: everything that can fail on bad input, before anything is written ------------
+    def prepare(self) -> Runner:
+        if self.prepared:
+            return self
+        cfg = self.config
+        if cfg.resume and cfg.output is None:
+            raise UsageError("--resume needs --output, the folder of the run to continue")
+        self.device = env.resolve_device(cfg.device)
+        self.dtype = env.DTYPES[cfg.dtype]
+        steps = all_steps()
+        if cfg.steps is None:
+            self.selected = list(steps)
+        else:
+            for n in cfg.steps:
+                get_step(n)  # raises UsageError naming the implemented steps
+            self.selected = list(cfg.steps)
+        self.planned = with_requirements(self.selected)
+        self.options = {n: steps[n].make_options(cfg.step_options.get(steps[n].name)) for n in self.planned}
+        known_names = {s.name for s in steps.values()}
+        unknown = sorted(set(cfg.step_options) - known_names)
+        if unknown:
+            raise UsageError(f"step_options names unknown step {unknown[0]!r}; steps: {', '.join(sorted(known_names))}")
+        if self.source is None:
+            self.source = load_model_source(cfg.model, task=cfg.task, dtype=None)
+        model = self.source.model
+        try:
+            model.set_scan_impl(cfg.scan_impl)
+        except ValueError as exc:
+            raise UsageError(f"{first_line(exc)} (--scan-impl)") from None
+        if cfg.scan_impl == "kernel" and self.device.type != "cuda":
+            raise UsageError("--scan-impl kernel needs a CUDA device and mamba_ssm; use --scan-impl auto on CPU")
+        n_layer = model.cfg.n_layer
+        if cfg.layers is None:
+            self.layers = tuple(range(n_layer))
+        else:
+            bad = [i for i in cfg.layers if i >= n_layer]
+            if bad:
+                raise UsageError(
+                    f"layer {bad[0]} is out of range: model {self.source.name!r} has {n_layer} layers "
+                    f"(0..{n_layer - 1}); pass --layer within that range or 'all'"
+                )
+            self.layers = cfg.layers
+        from mamba_interp.pipeline.activation_stats import available_hooks
+
+        allowed = available_hooks(model.cfg.arch)
+        bad_hooks = [h for h in cfg.hooks if h not in allowed]
+        if bad_hooks:
+            raise UsageError(
+                f"hook {bad_hooks[0]!r} does not exist in {model.cfg.arch}; choose from {', '.join(allowed)}"
+            )
+        self.out_dir = Path(cfg.output).expanduser() if cfg.output else self._default_output()
+        check_output_folder(self.out_dir)
+        # validation is over: from here on the run may write
+        make_output_folder(self.out_dir)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        model.to(device=self.device, dtype=self.dtype).eval()
+        self.fingerprint = model.fingerprint()
+        self._environment = {"versions": env.library_versions(), "platform": env.platform_info(),
+                             "git": env.git_revision()}
+        self.records = {n: StepRecord(steps[n]) for n in self.planned}
+        self._attach_log()
+        self.prepared = True
+        logger.info("run prepared: model %s (%s), device %s, layers %s, steps %s, output %s", self.source.name,
+                    self.fingerprint, self.device, list(self.layers), self.planned, self.out_dir)
+        self.write_manifest()
+        return self
+
+    def _default_output(self) -> Path:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path("results") / f"{self.source.name}-{stamp}"
+        out, i = base, 2
+        while out.exists():
+            out, i = base.with_name(f"{base.name}-{i}"), i + 1
+        return out
+
+    def _attach_log(self) -> None:
+        handler = logging.FileHandler(self.out_dir / "run.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        root = logging.getLogger("mamba_interp")
+        root.addHandler(handler)
+        self._log_level = root.level
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def close(self) -> None:
+        """Detach the log file (the runner stays usable for reading results)."""
+        if self._log_handler is not None:
+            root = logging.getLogger("mamba_interp")
+            root.removeHandler(self._log_handler)
+            root.setLevel(self._log_level)
+            self._log_handler.close()
+            self._log_handler = None
+
+    # ---- manifest and results ---------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        src = self.source
+        return {
+            "format": MANIFEST_FORMAT,
+            "status": self._status,
+            "created_at": self._manifest_created,
+            "updated_at": _now(),
+            "command": self.argv,
+            "config": self.config.to_dict(),
+            "result_key": self.config.result_key(),
+            "seed": self.config.seed,
+            **self._environment,
+            "device": env.device_info(self.device),
+            "dtype": self.config.dtype,
+            "model": {**src.describe(), "fingerprint": self.fingerprint},
+            "layers": list(self.layers),
+            "steps": [r.to_json() for r in self.records.values()],
+        }
+
+    def write_manifest(self) -> None:
+        atomic_write_json(self.out_dir / "manifest.json", self.manifest())
+
+    def _result_path(self, step: Step) -> Path:
+        return self.out_dir / step.folder_name / "result.json"
+
+    def _matching_result(self, step: Step) -> dict[str, Any] | None:
+        """The step's completed ``result.json`` if it was computed for this config, model and step version."""
+        path = self._result_path(step)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        ok = (data.get("status") == "completed" and data.get("result_key") == self.config.result_key()
+              and data.get("model_fingerprint") == self.fingerprint and data.get("step_version") == step.version
+              and data.get("layers") == list(self.layers))
+        return data if ok else None
+
+    def _write_result(self, step: Step, status: str, started: str, duration: float, result: StepResult | None,
+                      ctx: StepContext | None, fallbacks: list[dict], error: dict | None = None,
+                      reason: str | None = None) -> None:
+        artifacts: list[str] = []
+        if result is not None:
+            artifacts = list(dict.fromkeys((ctx._artifacts if ctx else []) + list(result.artifacts)))
+        payload = {
+            "step": step.number,
+            "name": step.name,
+            "title": step.title,
+            "status": status,
+            "duration_s": round(duration, 3),
+            "started_at": started,
+            "finished_at": _now(),
+            "config": self.config.to_dict(),
+            "result_key": self.config.result_key(),
+            "model_fingerprint": self.fingerprint,
+            "step_version": step.version,
+            "requires": list(step.requires),
+            "layers": list(self.layers),
+            "options": _options_dict(ctx.options if ctx else None),
+            "device": str(ctx.device) if ctx else str(self.device),
+            "batch_size": ctx.batch_size if ctx else self.config.batch_size,
+            "fallbacks": fallbacks,
+            "metrics": result.metrics if result else {},
+            "artifacts": artifacts,
+            "reading": result.reading if result else "",
+            "reason": reason,
+            "error": error,
+        }
+        atomic_write_json(self._result_path(step), payload)
+
+    # ---- execution ---------------------------------------------------------------------------
+    def run(self, steps: Iterable[int] | None = None) -> RunSummary:
+        """Run the configured steps (or ``steps``, with their requirements); write the report; return a summary."""
+        self.prepare()
+        selected = list(self.selected) if steps is None else [get_step(n).number for n in steps]
+        planned = with_requirements(selected)
+        for n in planned:
+            self.records.setdefault(n, StepRecord(get_step(n)))
+            if n not in self.options:
+                self.options[n] = get_step(n).make_options(self.config.step_options.get(get_step(n).name))
+        self._status = "running"
+        self.write_manifest()
+        try:
+            for n in planned:
+                self._run_one(get_step(n), reuse_ok=self.config.resume or n not in selected)
+        except KeyboardInterrupt:
+            self._status = "interrupted"
+            self.write_manifest()
+            self._write_report()
+            raise
+        self.refresh_status()
+        report = self._write_report()
+        return RunSummary(self.out_dir, report, dict(self.records))
+
+    def refresh_status(self) -> None:
+        """Set the run status from the steps' records and rewrite the manifest."""
+        failed = any(r.status == "failed" for r in self.records.values())
+        self._status = "completed_with_failures" if failed else "completed"
+        self.write_manifest()
+
+    def _write_report(self) -> Path | None:
+        from mamba_interp.pipeline.report import write_report
+
+        try:
+            return write_report(self.out_dir)
+        except Exception:  # a broken report must not hide the results already on disk
+            logger.exception("writing report.html failed")
+            self.echo("warning: report.html could not be written (see run.log)")
+            return None
+
+    def _run_one(self, step: Step, reuse_ok: bool) -> None:
+        record = self.records[step.number]
+        blocked = [r for r in step.requires if self.records.get(r) and self.records[r].status in ("failed", "skipped")]
+        if blocked:
+            dep = self.records[blocked[0]]
+            reason = f"requires {dep.step.label}, which {'failed' if dep.status == 'failed' else 'was skipped'}"
+            self._record_skip(step, reason)
+            return
+        if reuse_ok:
+            previous = self._matching_result(step)
+            if previous is not None:
+                self.results[step.number] = StepResult(previous.get("metrics", {}), previous.get("reading", ""),
+                                                       previous.get("artifacts", []))
+                record.status, record.resumed = "completed", True
+                record.duration_s = previous.get("duration_s")
+                self.echo(f"step {step.number:>2} {step.name:<14} resumed (result.json matches the config)")
+                logger.info("%s: reusing the matching result.json", step.label)
+                self.write_manifest()
+                return
+        self._execute(step)
+
+    def _ensure_inputs(self, step: Step) -> None:
+        """Make the in-memory data of every required step, transitively, available (loader, or re-run)."""
+        for r in with_requirements(step.requires):
+            if r in self.data:
+                continue
+            req = get_step(r)
+            if req.load is not None and self._matching_result(req) is not None:
+                ctx = self._context(req, self.device, self.config.batch_size)
+                logger.info("%s: loading the data of %s from its folder", step.label, req.label)
+                try:
+                    self.data[r] = req.load(ctx)
+                    continue
+                except Exception as exc:  # a missing or unreadable file: recompute instead
+                    logger.warning("%s: loading %s failed (%s); re-running it", step.label, req.label, exc)
+            if r not in self.data:
+                logger.info("%s: re-running %s to rebuild its in-memory data", step.label, req.label)
+                self._execute(req)
+                if self.records[r].status != "completed":
+                    raise RuntimeError(f"{req.label} could not be re-run ({self.records[r].status})")
+
+    def _context(self, step: Step, device: torch.device, batch_size: int) -> StepContext:
+        seed = env.step_seed(self.config.seed, step.number)
+        return StepContext(
+            step=step, config=self.config, model=self.source.model, device=device, dtype=self.dtype, seed=seed,
+            batch_size=batch_size, out_dir=self.out_dir / step.folder_name, source=self.source, layers=self.layers,
+            results=self.results, log=logging.getLogger(f"mamba_interp.pipeline.{step.folder_name}"),
+            options=self.options.get(step.number), _data=self.data,
+        )
+
+    def _move_model(self, device: torch.device) -> None:
+        self.source.model.to(device)
+
+    def _fresh_folder(self, step: Step) -> None:
+        folder = self.out_dir / step.folder_name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+
+    def _execute(self, step: Step) -> None:
+        record = self.records.setdefault(step.number, StepRecord(step))
+        record.status, record.resumed, record.reason = "running", False, None
+        self.write_manifest()
+        self._fresh_folder(step)
+        started, t0 = _now(), time.perf_counter()
+        ctx: StepContext | None = None
+        fallbacks: list[dict[str, Any]] = []
+        try:
+            self._ensure_inputs(step)
+            device, batch_size, halvings = self.device, self.config.batch_size, 0
+            while True:
+                env.seed_everything(env.step_seed(self.config.seed, step.number))
+                ctx = self._context(step, device, batch_size)
+                try:
+                    result = step.fn(ctx)
+                    break
+                except Exception as exc:
+                    can_shrink = batch_size > 1 and halvings < MAX_HALVINGS
+                    if not is_oom(exc) or not (can_shrink or device.type == "cuda"):
+                        raise
+                    msg = first_line(exc)[:200] or type(exc).__name__
+                # outside the except block the error's frames (and the tensors they hold) are released, so the
+                # allocator's cache can really be emptied before the retry
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if can_shrink:
+                    batch_size, halvings = max(1, batch_size // 2), halvings + 1
+                    fallbacks.append({"action": "smaller_batch", "batch_size": batch_size, "device": str(device),
+                                      "error": msg})
+                else:
+                    device = torch.device("cpu")
+                    self._move_model(device)
+                    fallbacks.append({"action": "cpu", "batch_size": batch_size, "device": "cpu", "error": msg})
+                logger.warning("%s: out of memory (%s); retrying with batch %d on %s", step.label, msg,
+                               batch_size, device)
+                self.echo(f"step {step.number:>2} {step.name:<14} out of memory; retrying with batch "
+                          f"{batch_size} on {device}")
+                self._fresh_folder(step)
+            if not isinstance(result, StepResult):
+                raise TypeError(f"{step.label} returned {type(result).__name__}; return a StepResult")
+        except StepSkipped as exc:
+            self._restore_device()
+            duration = time.perf_counter() - t0
+            self._write_result(step, "skipped", started, duration, None, ctx, fallbacks, reason=str(exc))
+            record.status, record.duration_s, record.reason = "skipped", round(duration, 3), str(exc)
+            self.echo(f"step {step.number:>2} {step.name:<14} skipped: {exc}")
+            logger.info("%s skipped: %s", step.label, exc)
+            self.write_manifest()
+            return
+        except KeyboardInterrupt:
+            self._restore_device()
+            record.status, record.reason = "interrupted", "interrupted by the user"
+            logger.warning("%s interrupted; no result.json written (rerun with --resume)", step.label)
+            raise
+        except Exception as exc:
+            self._restore_device()
+            duration = time.perf_counter() - t0
+            tb = traceback.format_exc()
+            error = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+            self._write_result(step, "failed", started, duration, None, ctx, fallbacks, error=error)
+            record.status, record.duration_s = "failed", round(duration, 3)
+            record.reason = f"{type(exc).__name__}: {first_line(exc)}"
+            logger.error("%s failed:\n%s", step.label, tb)
+            self.echo(f"step {step.number:>2} {step.name:<14} FAILED: {record.reason} (traceback in run.log)")
+            self.write_manifest()
+            return
+        self._restore_device()
+        duration = time.perf_counter() - t0
+        self.results[step.number] = result
+        self.data[step.number] = result.data
+        self._write_result(step, "completed", started, duration, result, ctx, fallbacks)
+        record.status, record.duration_s = "completed", round(duration, 3)
+        note = f" [{len(fallbacks)} OOM fallback(s)]" if fallbacks else ""
+        self.echo(f"step {step.number:>2} {step.name:<14} completed in {duration:6.1f} s{note}")
+        logger.info("%s completed in %.2f s", step.label, duration)
+        self.write_manifest()
+
+    def _restore_device(self) -> None:
+        if next(self.source.model.parameters()).device != self.device:
+            self._move_model(self.device)
+
+    def _record_skip(self, step: Step, reason: str) -> None:
+        folder = self.out_dir / step.folder_name
+        self._fresh_folder(step)
+        now = _now()
+        self._write_result(step, "skipped", now, 0.0, None, None, [], reason=reason)
+        rec = self.records[step.number]
+        rec.status, rec.duration_s, rec.reason, rec.resumed = "skipped", 0.0, reason, False
+        self.echo(f"step {step.number:>2} {step.name:<14} skipped: {reason}")
+        logger.info("%s skipped: %s (%s)", step.label, reason, folder)
+        self.write_manifest()
+
+
+def _options_dict(options: Any) -> dict[str, Any] | None:
+    if options is None:
+        return None
+    import dataclasses
+
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+
+
+def print_line(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)

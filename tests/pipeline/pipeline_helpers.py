@@ -1,0 +1,29 @@
+"""Helpers shared by the pipeline tests (imported as ``pipeline_helpers``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def small_config(model: Path | str, out: Path, **kw):
+    from mamba_interp.pipeline import RunConfig
+
+    # figures off by default: drawing dominates the run time of these tiny models (one test draws them)
+    base = dict(model=str(model), output=str(out), samples=12, batch_size=8, quiet=True, steps="0-2", figures=False)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def run_pipeline(model: Path | str, out: Path, **kw):
+    from mamba_interp.pipeline import Runner
+
+    runner = Runner(small_config(model, out, **kw))
+    try:
+        return runner, runner.run()
+    finally:
+        runner.close()
+
+
+def read_result(out: Path, folder: str) -> dict:
+    return json.loads((out / folder / "result.json").read_text())

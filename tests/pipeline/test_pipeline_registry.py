@@ -1,0 +1,78 @@
+"""The step registry: registration rules, requirement closure, lookup errors, step options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from mamba_interp.pipeline import StepResult, register_step
+from mamba_interp.pipeline.config import UsageError
+from mamba_interp.pipeline.registry import all_steps, get_step, unregister_step, with_requirements
+
+
+@pytest.fixture
+def temp_steps():
+    numbers: list[int] = []
+    yield numbers
+    for n in numbers:
+        unregister_step(n)
+
+
+def test_builtin_steps_are_registered():
+    steps = all_steps()
+    assert [steps[n].name for n in (0, 1, 2)] == ["setup", "tasks", "activations"]
+    assert steps[2].requires == (1,) and steps[1].requires == (0,)
+    assert steps[2].folder_name == "step_02_activations"
+    assert get_step("activations") is steps[2] and get_step("2") is steps[2]
+
+
+def test_register_and_requirements(temp_steps):
+    @register_step(80, "eighty", requires=(2,))
+    def a(ctx):
+        return StepResult()
+
+    @register_step(81, "eighty_one", requires=(80, 0))
+    def b(ctx):
+        return StepResult()
+
+    temp_steps += [80, 81]
+    assert with_requirements([81]) == [0, 1, 2, 80, 81]
+    assert get_step(81).title == "eighty_one"
+
+
+def test_registration_errors(temp_steps):
+    with pytest.raises(ValueError, match="already registered"):
+        register_step(2, "other")(lambda ctx: StepResult())
+    with pytest.raises(ValueError, match="already used by step 1"):
+        register_step(82, "tasks")(lambda ctx: StepResult())
+    with pytest.raises(ValueError, match="lower_snake_case"):
+        register_step(83, "Bad Name")
+    with pytest.raises(ValueError, match="require itself"):
+        register_step(84, "selfish", requires=(84,))
+
+
+def test_unknown_step_names_the_implemented_ones():
+    with pytest.raises(UsageError, match=r"step 77 is not implemented; implemented steps: 0 setup, 1 tasks"):
+        get_step(77)
+
+
+def test_step_options(temp_steps):
+    @dataclass(frozen=True)
+    class Opts:
+        width: int = 4
+
+        def __post_init__(self):
+            if self.width < 1:
+                raise ValueError("width must be >= 1")
+
+    register_step(85, "with_opts", options=Opts)(lambda ctx: StepResult())
+    temp_steps.append(85)
+    step = get_step(85)
+    assert step.make_options(None) == Opts() and step.make_options({"width": 9}).width == 9
+    with pytest.raises(UsageError, match="unknown option 'depth'.*width"):
+        step.make_options({"depth": 2})
+    with pytest.raises(UsageError, match="width must be >= 1"):
+        step.make_options({"width": 0})
+    with pytest.raises(UsageError, match="takes no options"):
+        get_step(0).make_options({"x": 1})
