@@ -6,14 +6,13 @@ Parameter names match mamba_ssm and transformers (``in_proj``, ``conv1d``, ``x_p
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mamba_interp.models.config import MambaConfig
 from mamba_interp.models.hooks import HookPoint
+from mamba_interp.models.init import init_layers, inverse_softplus_dt
 from mamba_interp.models.norms import RMSNorm
 from mamba_interp.models.ops import kernels
 from mamba_interp.models.ops.conv import causal_conv1d
@@ -57,17 +56,9 @@ class Mamba1Mixer(nn.Module):
     def reset_parameters(self) -> None:
         """mamba_ssm's initialisation (S4D-real A, Δ log-uniform in [dt_min, dt_max] via the dt_proj bias)."""
         cfg, e, n, r = self.cfg, self.cfg.d_inner, self.cfg.d_state, self.cfg.dt_rank_value
-        for lin in (self.in_proj, self.x_proj, self.out_proj):
-            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            nn.init.zeros_(self.conv1d.bias)
+        init_layers(self.in_proj, self.x_proj, self.out_proj, self.conv1d)
         nn.init.uniform_(self.dt_proj.weight, -(r**-0.5), r**-0.5)
-        dt = torch.exp(torch.rand(e) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
-        dt = dt.clamp(min=cfg.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias.copy_(inverse_softplus_dt(e, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
         self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n))
         self.D.fill_(1.0)
 

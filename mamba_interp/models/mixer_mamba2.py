@@ -8,14 +8,13 @@ Parameter names match mamba_ssm / transformers (``in_proj``, ``conv1d``, ``dt_bi
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mamba_interp.models.config import MambaConfig
 from mamba_interp.models.hooks import HookPoint
+from mamba_interp.models.init import init_layers, inverse_softplus_dt
 from mamba_interp.models.norms import GatedRMSNorm
 from mamba_interp.models.ops import kernels
 from mamba_interp.models.ops.conv import causal_conv1d
@@ -58,16 +57,8 @@ class Mamba2Mixer(nn.Module):
     def reset_parameters(self) -> None:
         """mamba_ssm's Mamba2 initialisation (A = U(A_init_range), Δ log-uniform via dt_bias)."""
         cfg, h = self.cfg, self.cfg.nheads
-        for lin in (self.in_proj, self.out_proj):
-            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            nn.init.zeros_(self.conv1d.bias)
-        dt = torch.exp(torch.rand(h) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
-        dt = dt.clamp(min=cfg.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_layers(self.in_proj, self.out_proj, self.conv1d)
+        self.dt_bias.copy_(inverse_softplus_dt(h, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
         lo, hi = cfg.A_init_range
         self.A_log.copy_(torch.log(torch.empty(h).uniform_(lo, hi)))
         self.D.fill_(1.0)
