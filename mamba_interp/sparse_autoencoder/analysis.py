@@ -89,29 +89,41 @@ def feature_variable_correlation(
     m = features.shape[-1]
     f = features.reshape(-1, m)
     gen = torch.Generator().manual_seed(seed)
-    names, rows, best_l, best_r, null_mean, null_max, counts = [], [], [], [], [], [], []
+    names, values, shuffles, masks = [], [], [], []
     for name, var in variables.items():
         v = torch.as_tensor(var).reshape(-1).double()
         if v.shape[0] != f.shape[0]:
             raise ValueError(f"variable {name!r} has {v.shape[0]} values but features have {f.shape[0]} tokens")
         valid = torch.isfinite(v)
-        fv, vv = (f, v) if bool(valid.all()) else (f[valid], v[valid])
+        vv = v if bool(valid.all()) else v[valid]
         if vv.numel() < 3:
             raise ValueError(f"variable {name!r} has fewer than 3 finite values")
-        r = _pearson_columns(fv, vv[:, None])[0]  # [m]
-        j = int(r.abs().argmax())
-        shuffled = torch.stack([vv[torch.randperm(vv.shape[0], generator=gen)] for _ in range(n_shuffles)], 1)
-        null = _pearson_columns(fv, shuffled).abs().max(dim=1).values if n_shuffles else torch.zeros(1)
         names.append(name)
-        rows.append(r)
-        best_l.append(j)
-        best_r.append(float(r[j]))
-        null_mean.append(float(null.mean()))
-        null_max.append(float(null.max()))
-        counts.append(int(vv.numel()))
+        values.append(vv)
+        shuffles.append([vv[torch.randperm(vv.shape[0], generator=gen)] for _ in range(n_shuffles)])
+        masks.append(valid)
+    # variables defined on the same tokens share one centred pass over the features (one matmul per group)
+    groups: dict[bytes, list[int]] = {}
+    for j, valid in enumerate(masks):
+        groups.setdefault(valid.numpy().tobytes(), []).append(j)
+    r_rows: list[Tensor] = [torch.empty(0)] * len(names)
+    null_mean, null_max = [0.0] * len(names), [0.0] * len(names)
+    for members in groups.values():
+        valid = masks[members[0]]
+        fv = f if bool(valid.all()) else f[valid]
+        cols = [values[j] for j in members] + [s for j in members for s in shuffles[j]]
+        r = _pearson_columns(fv, torch.stack(cols, 1))  # [u + u·n_shuffles, m]
+        u = len(members)
+        null = r[u:].abs().max(dim=1).values.view(u, n_shuffles) if n_shuffles else torch.zeros(u, 1)
+        for row, j in enumerate(members):
+            r_rows[j] = r[row]
+            null_mean[j], null_max[j] = float(null[row].mean()), float(null[row].max())
+    best_l = [int(r.abs().argmax()) for r in r_rows]
+    best_r = [float(r[j]) for r, j in zip(r_rows, best_l)]
+    counts = [int(v.numel()) for v in values]
     return FeatureCorrelation(
         names=names,
-        r=torch.stack(rows).float(),
+        r=torch.stack(r_rows).float(),
         best_latent=torch.tensor(best_l),
         best_r=torch.tensor(best_r),
         shuffled_best_abs_r=torch.tensor(null_mean),
