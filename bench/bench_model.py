@@ -7,6 +7,7 @@ length L it prints:
 * forward + backward: ours vs the same model with ``scan_impl="reference"`` (the unbind step loop);
 * full-cache memory: bytes held by ``run_with_cache()`` with every hook (incl. per-token states), and with
   the default-free filter ``blocks.*.hook_resid_post``;
+* transformers' own forward + backward at short L (``--hf-backward-max-len``), for scale;
 * the growth of our forward + backward time from the shortest to each longer L (linear would be L/L0).
 
 Times are CPU-seconds of this process (``time.process_time``, 1 torch thread), the median of ``--repeats``
@@ -61,6 +62,13 @@ def fwd_bwd(model, x):
     return run
 
 
+def fwd_bwd_hf(model, x):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(x).logits.float().logsumexp(-1).mean().backward()
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--skip-reference-above", type=int, default=4096,
                     help="skip the reference-loop backward for longer L (it materialises [b, l, e, n] grads)")
+    ap.add_argument("--hf-backward-max-len", type=int, default=256,
+                    help="also time transformers' forward + backward up to this L (its Mamba-1 loop is O(L^2))")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     rows = []
     header = (f"{'arch':7} {'L':>5} {'hf fwd':>8} {'our fwd':>8} {'ratio':>6} {'ref f+b':>8} {'our f+b':>8} "
-              f"{'ratio':>6} {'f+b/L0':>7} {'cache all':>10} {'cache resid':>11}")
+              f"{'ratio':>6} {'f+b/L0':>7} {'cache all':>10} {'cache resid':>11} {'hf f+b':>8}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, 1 thread, batch {args.batch}, "
           "CPU-seconds (median)")
     print(header)
@@ -98,15 +108,16 @@ def main(argv: list[str] | None = None) -> int:
                 del cache
             t_fb = cpu_time(fwd_bwd(ours, x), args.repeats)
             t_ref = cpu_time(fwd_bwd(reference, x), 1) if L <= args.skip_reference_above else float("nan")
+            t_hf_fb = cpu_time(fwd_bwd_hf(hf, x), 1) if L <= args.hf_backward_max_len else float("nan")
             base = base or (L, t_fb)
             row = dict(arch=arch, L=L, hf_forward_s=t_hf, forward_s=t_ours, forward_ratio=t_ours / t_hf,
-                       reference_fwd_bwd_s=t_ref, fwd_bwd_s=t_fb, fwd_bwd_ratio=t_fb / t_ref,
+                       reference_fwd_bwd_s=t_ref, hf_fwd_bwd_s=t_hf_fb, fwd_bwd_s=t_fb, fwd_bwd_ratio=t_fb / t_ref,
                        fwd_bwd_growth=t_fb / base[1], length_growth=L / base[0],
                        cache_all_mib=mem_all / 2**20, cache_resid_mib=mem_resid / 2**20)
             rows.append(row)
             print(f"{arch:7} {L:5d} {t_hf:8.3f} {t_ours:8.3f} {row['forward_ratio']:6.2f} {t_ref:8.3f} {t_fb:8.3f} "
                   f"{row['fwd_bwd_ratio']:6.2f} {row['fwd_bwd_growth']:7.2f} {row['cache_all_mib']:8.1f}Mi "
-                  f"{row['cache_resid_mib']:9.1f}Mi", flush=True)
+                  f"{row['cache_resid_mib']:9.1f}Mi {t_hf_fb:8.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
