@@ -19,6 +19,7 @@ import torch
 
 from mamba_interp.models.ops import kernels
 from mamba_interp.models.ops.selective_scan import SCANS as M1_SCANS
+from mamba_interp.models.ops.ssd import GPU_CHUNK, ssd_chunked
 from mamba_interp.models.ops.ssd import SCANS as M2_SCANS
 
 logger = logging.getLogger("mamba_interp")
@@ -65,6 +66,8 @@ def choose_scan(arch: str, requested: str, device: torch.device, has_h0: bool) -
         name = requested
     if name == "kernel":
         fn = kernels.kernel_selective_scan if arch == "mamba1" else kernels.kernel_ssd
+    elif name == "chunked" and on_cuda:
+        fn = functools.partial(ssd_chunked, chunk=GPU_CHUNK)
     else:
         fn = (M1_SCANS if arch == "mamba1" else M2_SCANS)[name]
     return name, fn
