@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mamba_interp.tasks.base import IGNORE, TaskBatch, to_long
+from mamba_interp.tasks.base import IGNORE, TaskBatch
+from mamba_interp.tasks.text import repeated_block_batch
 
 DEFAULT_LM_LEN = 64
 TEXT_SETS = ("ioi", "factual_recall")
@@ -49,18 +50,7 @@ def repeated_tokens(vocab_size: int, n: int, seq_len: int, seed: int, low: int =
         raise ValueError(f"repeated_tokens needs seq_len >= 4, got {seq_len}")
     rng = np.random.default_rng([int(seed), 11])
     block = rng.integers(low, vocab_size, size=(n, half))  # (b, half)
-    tokens = np.concatenate([block, block], 1)  # (b, 2·half)
-    answer_pos = half + np.arange(half - 1)
-    targets = np.full_like(tokens, IGNORE)
-    targets[:, answer_pos] = tokens[:, answer_pos + 1]
-    metadata = {
-        "answer": to_long(tokens[:, answer_pos + 1]),
-        "answer_pos": to_long(np.broadcast_to(answer_pos, (n, half - 1))),
-        "source_pos": to_long(np.broadcast_to(answer_pos + 1 - half, (n, half - 1))),
-        "period": half,
-        "first_start": 0,
-    }
-    return TaskBatch(to_long(tokens), to_long(targets), metadata, task="repeated_tokens")
+    return repeated_block_batch(block, [], task="repeated_tokens")
 
 
 def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) -> Datasets:

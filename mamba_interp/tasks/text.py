@@ -167,6 +167,26 @@ class TextInductionParams:
 
 
 @register_task
+def repeated_block_batch(block: np.ndarray, prefix: list[int], task: str = "") -> TaskBatch:
+    """``prefix + block + block`` (Olsson et al. 2022's repeated random tokens): in the second copy each next token
+    is predictable only by copying from the first. block [b, half] -> tokens [b, len(prefix) + 2·half]; targets and
+    metadata (``answer``, ``answer_pos``, ``source_pos``, ``period``, ``first_start``) on the second copy."""
+    n, half = block.shape
+    off = len(prefix)
+    tokens = np.concatenate([np.full((n, off), prefix[0] if prefix else 0, dtype=np.int64), block, block], 1)
+    answer_pos = off + half + np.arange(half - 1)  # (half-1,)
+    targets = np.full_like(tokens, IGNORE)
+    targets[:, answer_pos] = tokens[:, answer_pos + 1]
+    metadata = {
+        "answer": to_long(tokens[:, answer_pos + 1]),
+        "answer_pos": to_long(np.broadcast_to(answer_pos, (n, half - 1))),
+        "source_pos": to_long(np.broadcast_to(answer_pos + 1 - half, (n, half - 1))),
+        "period": half,
+        "first_start": off,
+    }
+    return TaskBatch(to_long(tokens), to_long(targets), metadata, task=task)
+
+
 class TextInductionTask(TextTask):
     """Random non-special tokens ``r`` then ``r`` again. Targets: in the second copy, the next token, at
     positions ``offset + half_len + i`` for i = 0..half_len−2 (offset = 1 with BOS, else 0). Metadata:
@@ -191,19 +211,7 @@ class TextInductionTask(TextTask):
         special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         allowed = np.array([i for i in range(self.vocab_size) if i not in special])
         block = allowed[rng.integers(0, len(allowed), size=(n, half))]  # (b, half)
-        tokens = np.concatenate([np.full((n, len(bos)), bos[0] if bos else 0, dtype=np.int64), block, block], 1)
-        off = len(bos)
-        answer_pos = off + half + np.arange(half - 1)  # (half-1,)
-        targets = np.full_like(tokens, IGNORE)
-        targets[:, answer_pos] = tokens[:, answer_pos + 1]
-        metadata = {
-            "answer": to_long(tokens[:, answer_pos + 1]),
-            "answer_pos": to_long(np.broadcast_to(answer_pos, (n, half - 1))),
-            "source_pos": to_long(np.broadcast_to(answer_pos + 1 - half, (n, half - 1))),
-            "period": half,
-            "first_start": off,
-        }
-        return TaskBatch(to_long(tokens), to_long(targets), metadata)
+        return repeated_block_batch(block, bos)
 
     def corrupt(self, batch: TaskBatch, seed: int) -> TaskBatch:
         """The first copy replaced by fresh random tokens: the second copy is no longer predictable."""
