@@ -166,7 +166,6 @@ class TextInductionParams:
             raise ValueError(f"TextInductionParams.half_len={self.half_len} must be >= 2")
 
 
-@register_task
 def repeated_block_batch(block: np.ndarray, prefix: list[int], task: str = "") -> TaskBatch:
     """``prefix + block + block`` (Olsson et al. 2022's repeated random tokens): in the second copy each next token
     is predictable only by copying from the first. block [b, half] -> tokens [b, len(prefix) + 2·half]; targets and
@@ -187,6 +186,7 @@ def repeated_block_batch(block: np.ndarray, prefix: list[int], task: str = "") -
     return TaskBatch(to_long(tokens), to_long(targets), metadata, task=task)
 
 
+@register_task
 class TextInductionTask(TextTask):
     """Random non-special tokens ``r`` then ``r`` again. Targets: in the second copy, the next token, at
     positions ``offset + half_len + i`` for i = 0..half_len−2 (offset = 1 with BOS, else 0). Metadata:
