@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mamba_interp import HookedMamba, MambaConfig
+from mamba_interp.pipeline.registry import unregister_step
 
 
 def _save(folder: Path, cfg: MambaConfig, card: dict | None, seed: int) -> Path:
@@ -60,3 +61,12 @@ def tokenizer_model_dir(tmp_path_factory) -> Path:
     folder = _save(tmp_path_factory.mktemp("m1tok"), cfg, None, seed=4)
     fast.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def temp_steps():
+    """Step numbers a test registers; unregistered afterwards."""
+    numbers: list[int] = []
+    yield numbers
+    for n in numbers:
+        unregister_step(n)

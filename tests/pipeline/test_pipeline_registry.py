@@ -8,15 +8,8 @@ import pytest
 
 from mamba_interp.pipeline import StepResult, register_step
 from mamba_interp.pipeline.config import UsageError
-from mamba_interp.pipeline.registry import all_steps, get_step, unregister_step, with_requirements
+from mamba_interp.pipeline.registry import all_steps, get_step, with_requirements
 
-
-@pytest.fixture
-def temp_steps():
-    numbers: list[int] = []
-    yield numbers
-    for n in numbers:
-        unregister_step(n)
 
 
 def test_builtin_steps_are_registered():

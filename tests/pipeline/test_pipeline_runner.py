@@ -11,7 +11,6 @@ from pipeline_helpers import read_result, run_pipeline, small_config
 
 from mamba_interp.pipeline import Runner, StepResult, StepSkipped, register_step
 from mamba_interp.pipeline.activation_stats import ActivationSet
-from mamba_interp.pipeline.registry import unregister_step
 
 RESULT_KEYS = {"step", "name", "status", "duration_s", "config", "metrics", "artifacts", "reading", "error",
                "fallbacks", "result_key", "model_fingerprint"}
@@ -30,13 +29,6 @@ def copy_run(base_run, tmp_path):
     shutil.copytree(base_run[0], target)
     return target
 
-
-@pytest.fixture
-def temp_steps():
-    numbers: list[int] = []
-    yield numbers
-    for n in numbers:
-        unregister_step(n)
 
 
 def test_steps_0_to_2_write_every_output(base_run):
