@@ -91,7 +91,8 @@ def list_steps() -> str:
     lines = [f"{'#':>3}  {'name':<14} {'requires':<10} title"]
     for s in all_steps().values():
         req = ",".join(map(str, s.requires)) or "-"
-        lines.append(f"{s.number:>3}  {s.name:<14} {req:<10} {s.title}")
+        note = "" if s.default else "  (not in the default run: name it with --steps)"
+        lines.append(f"{s.number:>3}  {s.name:<14} {req:<10} {s.title}{note}")
     return "\n".join(lines)
 
 

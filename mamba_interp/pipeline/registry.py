@@ -44,6 +44,9 @@ class Step:
     """A (frozen) dataclass of this step's options, filled from ``config.step_options[name]``."""
     version: int = 1
     """Bump when the step's outputs change, so ``--resume`` recomputes old results."""
+    default: bool = True
+    """Part of the default run (no ``--steps``). Steps too slow for the default run's time budget set it False;
+    they run when named with ``--steps`` (or required by a named step)."""
 
     @property
     def folder_name(self) -> str:
@@ -84,6 +87,7 @@ def register_step(
     load: LoadFn | None = None,
     options: type | None = None,
     version: int = 1,
+    default: bool = True,
 ) -> Callable[[StepFn], StepFn]:
     """Decorator registering ``fn(ctx) -> StepResult`` as pipeline step ``number``; returns ``fn`` unchanged."""
     if not isinstance(number, int) or number < 0:
@@ -103,7 +107,7 @@ def register_step(
             if other.name == name and other.number != number:
                 raise ValueError(f"step name {name!r} is already used by step {other.number}")
         _REGISTRY[number] = Step(number, name, fn, tuple(sorted(set(requires))), title or name, load, options,
-                                 version)
+                                 version, default)
         return fn
 
     return decorator
@@ -146,6 +150,11 @@ def get_step(key: int | str) -> Step:
             if step.name == key:
                 return step
     raise UsageError(f"step {key!r} is not implemented; implemented steps: {implemented_summary()}")
+
+
+def default_steps() -> list[int]:
+    """The steps of a run with no ``--steps``: every registered step whose ``default`` is True."""
+    return [n for n, s in all_steps().items() if s.default]
 
 
 def implemented_summary() -> str:

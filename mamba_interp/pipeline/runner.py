@@ -45,7 +45,14 @@ from mamba_interp.pipeline import environment as env
 from mamba_interp.pipeline.config import RunConfig, UsageError
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.model_source import ModelSource, load_model_source
-from mamba_interp.pipeline.registry import Step, StepSkipped, all_steps, get_step, with_requirements
+from mamba_interp.pipeline.registry import (
+    Step,
+    StepSkipped,
+    all_steps,
+    default_steps,
+    get_step,
+    with_requirements,
+)
 from mamba_interp.utils.io import atomic_write_json
 
 logger = logging.getLogger("mamba_interp.pipeline")
@@ -171,7 +178,7 @@ class Runner:
         self.dtype = env.DTYPES[cfg.dtype]
         steps = all_steps()
         if cfg.steps is None:
-            self.selected = list(steps)
+            self.selected = default_steps()
         else:
             for n in cfg.steps:
                 get_step(n)  # raises UsageError naming the implemented steps

@@ -69,3 +69,14 @@ def test_step_options(temp_steps):
         step.make_options({"width": 0})
     with pytest.raises(UsageError, match="takes no options"):
         get_step(0).make_options({"x": 1})
+
+
+def test_steps_left_out_of_the_default_run(temp_steps, tmp_path):
+    from mamba_interp.cli import list_steps
+    from mamba_interp.pipeline.registry import default_steps
+
+    register_step(86, "slow_one", requires=(0,), default=False)(lambda ctx: StepResult())
+    temp_steps.append(86)
+    assert 86 not in default_steps() and 0 in default_steps()
+    assert get_step(86).default is False
+    assert "slow_one" in list_steps() and "not in the default run" in list_steps()
