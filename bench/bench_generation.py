@@ -8,7 +8,8 @@ prints, in CPU-seconds of this process (1 torch thread, median of ``--repeats``)
   its per-token time grows with n);
 * the hooked forward with a read-only hook on every non-lazy hook point, and the same hooks with the in-place
   check switched off (``HookPoint`` compares the input's version counter before and after each hook): the
-  difference is the check's cost. The forward without hooks never reaches the check.
+  difference is the check's cost (and the check alone, per hook call). The forward without hooks never reaches
+  the check.
 
 Usage: ``python bench/bench_generation.py [--new 16 64 256] [--archs mamba1 mamba2]``.
 """
@@ -16,7 +17,6 @@ Usage: ``python bench/bench_generation.py [--new 16 64 256] [--archs mamba1 mamb
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,18 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_model import cpu_time  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from mamba_interp import HookedMamba, MambaConfig  # noqa: E402
 from mamba_interp.models import hooks as hooks_module  # noqa: E402
-
-
-def cpu_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 def reprocessing_loop(model, ids, n):
@@ -86,6 +78,16 @@ def main() -> None:
         print(f"  forward [b={args.batch}, l={args.prompt}]: no hooks {plain * 1e3:.1f} ms; {len(names)} read-only "
               f"hooks {checked * 1e3:.1f} ms with the in-place check, {unchecked * 1e3:.1f} ms without "
               f"(check: {(checked - unchecked) * 1e3:+.2f} ms, {(checked - unchecked) / unchecked:+.1%})")
+    print(f"in-place check alone: {check_cost_per_call() * 1e6:.2f} us per hook call")
+
+
+def check_cost_per_call(repeats: int = 20000) -> float:
+    """CPU-seconds of one in-place check (version counter before and after) on a [4, 64, 128] activation."""
+    x = torch.randn(4, 64, 128)
+    t0 = time.process_time()
+    for _ in range(repeats):
+        hooks_module._edited(x, hooks_module._edit_marker(x))
+    return (time.process_time() - t0) / repeats
 
 
 if __name__ == "__main__":

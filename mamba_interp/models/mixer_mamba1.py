@@ -14,10 +14,8 @@ from mamba_interp.models.config import MambaConfig
 from mamba_interp.models.hooks import HookPoint
 from mamba_interp.models.init import init_layers, inverse_softplus_dt
 from mamba_interp.models.norms import RMSNorm
-from mamba_interp.models.ops import kernels
-from mamba_interp.models.ops.conv import causal_conv1d, causal_conv1d_window
 from mamba_interp.models.ops.dispatch import choose_scan
-from mamba_interp.models.state import LayerState, initial_conv_window, initial_ssm_state
+from mamba_interp.models.state import LayerState, initial_ssm_state, mixer_conv
 from mamba_interp.models.state_hooks import states_with_substitution
 
 
@@ -77,13 +75,7 @@ class Mamba1Mixer(nn.Module):
             hidden = hidden * mask[..., None].to(dtype)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, e) each
         x, z = self.hook_in_x(x), self.hook_in_z(z)
-        window = initial_conv_window(self.hook_conv_state, x, state, cfg.d_conv)
-        if window is None:
-            use_kernel_conv = self.scan_impl == "kernel" and kernels.causal_conv1d_fn is not None and x.is_cuda
-            conv = (kernels.causal_conv1d if use_kernel_conv else causal_conv1d)(x, self.conv1d.weight,
-                                                                                self.conv1d.bias)
-        else:
-            conv, window = causal_conv1d_window(x, self.conv1d.weight, self.conv1d.bias, window)
+        conv, window = mixer_conv(x, self.conv1d, self.hook_conv_state, state, self.scan_impl)
         u = F.silu(self.hook_conv(conv))  # (b, l, e)
         if mask is not None:
             u = u * mask[..., None].to(u.dtype)

@@ -16,10 +16,8 @@ from mamba_interp.models.config import MambaConfig
 from mamba_interp.models.hooks import HookPoint
 from mamba_interp.models.init import init_layers, inverse_softplus_dt
 from mamba_interp.models.norms import GatedRMSNorm
-from mamba_interp.models.ops import kernels
-from mamba_interp.models.ops.conv import causal_conv1d, causal_conv1d_window
 from mamba_interp.models.ops.dispatch import choose_scan
-from mamba_interp.models.state import LayerState, initial_conv_window, initial_ssm_state
+from mamba_interp.models.state import LayerState, initial_ssm_state, mixer_conv
 from mamba_interp.models.state_hooks import states_with_substitution
 
 
@@ -78,13 +76,7 @@ class Mamba2Mixer(nn.Module):
             hidden = hidden * mask[..., None].to(dtype)
         z, xBC, dt_raw = self.in_proj(hidden).split([e, cfg.conv_dim, h], dim=-1)
         xBC, z = self.hook_in_x(xBC), self.hook_in_z(z)
-        window = initial_conv_window(self.hook_conv_state, xBC, state, cfg.d_conv)
-        if window is None:
-            use_kernel_conv = self.scan_impl == "kernel" and kernels.causal_conv1d_fn is not None and xBC.is_cuda
-            conv = (kernels.causal_conv1d if use_kernel_conv else causal_conv1d)(xBC, self.conv1d.weight,
-                                                                                self.conv1d.bias)
-        else:
-            conv, window = causal_conv1d_window(xBC, self.conv1d.weight, self.conv1d.bias, window)
+        conv, window = mixer_conv(xBC, self.conv1d, self.hook_conv_state, state, self.scan_impl)
         xBC = F.silu(self.hook_conv(conv))  # (b, l, e + 2gn)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)

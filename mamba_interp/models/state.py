@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+from mamba_interp.models.ops import kernels
+from mamba_interp.models.ops.conv import causal_conv1d, causal_conv1d_window
 
 if TYPE_CHECKING:  # pragma: no cover
     from mamba_interp.models.config import MambaConfig
@@ -83,14 +87,20 @@ def ssm_state_shape(cfg: MambaConfig, batch_size: int) -> tuple[int, ...]:
     return (batch_size, cfg.nheads, cfg.headdim, cfg.d_state)
 
 
-def initial_conv_window(hook: HookPoint, x: torch.Tensor, state: LayerState | None, k: int) -> torch.Tensor | None:
-    """The conv window before the first token of x [b, l, c] (``hook_conv_state``): the state's, or zeros when
-    only the hook asks; None when neither (the plain zero-padded conv runs)."""
+def mixer_conv(x: torch.Tensor, conv1d: nn.Conv1d, hook: HookPoint, state: LayerState | None,
+               scan_impl: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mixer's causal conv of x [b, l, c] (before SiLU) and the window after it ([b, k-1, c]; None without a
+    state). It continues the window before the first token (``hook_conv_state``): the state's, or zeros when only
+    the hook asks; with neither, the plain zero-padded conv runs (the fused kernel when asked for, on CUDA)."""
     window = None if state is None else state.conv.to(x.dtype)
     if hook.active:  # a copy: a hook must never be able to change the caller's state
+        k = conv1d.kernel_size[0]
         window = hook(torch.zeros(x.shape[0], k - 1, x.shape[2], device=x.device, dtype=x.dtype)
                       if window is None else window.clone())
-    return window
+    if window is not None:
+        return causal_conv1d_window(x, conv1d.weight, conv1d.bias, window)
+    fused = scan_impl == "kernel" and kernels.causal_conv1d_fn is not None and x.is_cuda
+    return (kernels.causal_conv1d if fused else causal_conv1d)(x, conv1d.weight, conv1d.bias), None
 
 
 def initial_ssm_state(hook: HookPoint, state: LayerState | None, shape: tuple[int, ...],
