@@ -220,7 +220,6 @@ def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
             )
 
 
-
 def convert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers / state-spaces keys -> HookedMamba keys."""
     out = {}

@@ -137,7 +137,8 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         lp = logp.gather(-1, tgt[..., None])[..., 0]  # (b, l)
         loss_sum += float(-(lp * scored).sum())
         loss_n += int(scored.sum())
-        hit = (logits.argmax(-1) == targets) & emask
+        pred = logits.argmax(-1)  # (b, l)
+        hit = (pred == targets) & emask
         correct_pos += int(hit.sum())
         total_pos += int(emask.sum())
         n_scored = emask.sum(-1).clamp(min=1)
@@ -145,7 +146,7 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         logprob[sl] = ((lp * emask).sum(-1) / n_scored).double().cpu()
         example_acc[sl] = (hit.sum(-1) / n_scored).double().cpu()
         last = (emask.long() * torch.arange(emask.shape[1], device=device)).argmax(-1)  # last scored position
-        prediction[sl] = logits.argmax(-1).gather(1, last[:, None])[:, 0].cpu()
+        prediction[sl] = pred.gather(1, last[:, None])[:, 0].cpu()
         all_right[sl] = (hit | ~emask).all(-1).cpu()
         for name, fn in (scorers or {}).items():
             scores[name][sl] = fn(logits, batch.select(sl)).double().cpu()

@@ -119,6 +119,9 @@ def test_a_state_is_never_changed_by_a_forward():
     assert torch.equal(a, b)
     assert all(torch.equal(s.conv, c) and torch.equal(s.ssm, h) for s, (c, h) in zip(state.layers, before))
     assert torch.equal(state.select([0, 2]).layers[0].ssm, state.layers[0].ssm[[0, 2]])
+    assert state.batch_size == 3 and state.select([1]).batch_size == 1 and state.offset == 8
+    moved = state.to("cpu")
+    assert moved.offset == 8 and torch.equal(moved.layers[1].conv, state.layers[1].conv)
 
 
 def test_state_errors_are_one_line():
@@ -132,3 +135,17 @@ def test_state_errors_are_one_line():
         model(ids, state=model.init_state(3), stop_at_layer=1)
     with pytest.raises(ValueError, match="batch_size"):
         model.init_state(0)
+
+
+@pytest.mark.parametrize("hook", ["hook_h0", "hook_conv_state"])
+def test_an_in_place_edit_of_the_state_raises_and_leaves_the_state_intact(hook):
+    from mamba_interp import HookError
+
+    model = _model("mamba1")
+    ids = _ids()
+    with torch.no_grad():
+        _, state = model(ids[:, :8], state=model.init_state(3))
+        before = [(s.conv.clone(), s.ssm.clone()) for s in state.layers]
+        with pytest.raises(HookError, match="in place"):
+            model.run_with_hooks(ids[:, 8:], state=state, fwd_hooks=[(f"blocks.0.mixer.{hook}", lambda t, h: t.zero_())])
+    assert all(torch.equal(s.conv, c) and torch.equal(s.ssm, h) for s, (c, h) in zip(state.layers, before))
