@@ -59,7 +59,7 @@ def test_random_language_model_with_tokenizer(tokenizer_model_dir, tmp_path):
     assert ex["prompt"].endswith("to") and ex["answer"].startswith('"') and ex["wrong"].startswith('"')
     assert not any(s["above_chance"] for s in (d["score"] for d in m["datasets"].values()))
     assert m["chance_warning"].startswith("The model is at chance on every one of its 3 datasets")
-    assert res["reading"].startswith("Warning: The model is at chance") and "logit difference IO − S" in res["reading"]
+    assert res["reading"].startswith("Warning: no dataset is above chance") and "logit difference IO − S" in res["reading"]
     labels = json.loads((tmp_path / "tok" / "step_01_tasks" / "dataset_ioi_metadata.json").read_text())["answer_label"]
     assert len(labels) == 12 and all(lab.startswith('"') for lab in labels)
 

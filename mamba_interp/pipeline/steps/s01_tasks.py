@@ -211,6 +211,7 @@ def run(ctx: StepContext) -> StepResult:
                         f"{worst[0]} tokens, {best[1]:.3f} at {best[0]}.")
     else:
         reading = _lm_reading(sets_metrics, scores, ds.notes)
-    if warning:
-        reading = f"Warning: {warning} {reading}"
+    if warning:  # the numbers follow in the reading; the metric holds them too, for the report's banner
+        reading = ("Warning: no dataset is above chance, so the model behaves like an untrained one and later steps "
+                   "describe its random weights. " + reading)
     return StepResult(metrics=metrics, reading=reading, data=ds.as_dict())
