@@ -94,21 +94,32 @@ def layer_ablation(model: Any, batch: Any, kind: str = "zero", layers: Sequence[
     ref_batch = batch if reference is None else reference
     if ref_batch.seq_len != batch.seq_len:
         raise ValueError(f"the reference has length {ref_batch.seq_len}, the batch {batch.seq_len}; they must match")
-    refs = None
-    if kind != "zero":
-        hooks = sorted({COMPONENT_HOOKS[c] for c in (*components, "mixer")})
-        refs = collect_activations(model, ref_batch.tokens, layers, hooks, batch_size,
-                                   attention_mask=ref_batch.attention_mask)
     clean = evaluate(model, batch, batch_size)
 
+    def references(targets: list[tuple[int, str]]) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+        """Reference activations [b_ref, l, ...] and mask of just these targets (one layer's at a time, so a
+        large model never holds every layer's)."""
+        if kind == "zero":
+            return {}
+        out = {}
+        for i in sorted({i for i, _ in targets}):
+            shorts = sorted({COMPONENT_HOOKS[c] for j, c in targets if j == i})
+            acts = collect_activations(model, ref_batch.tokens, [i], shorts, batch_size,
+                                       attention_mask=ref_batch.attention_mask)
+            for j, c in targets:
+                if j == i:
+                    short = COMPONENT_HOOKS[c]
+                    out[(i, c)] = (acts[(short, i)].reshape(len(ref_batch), ref_batch.seq_len,
+                                                            *acts.shapes[(short, i)]), acts.mask)
+        return out
+
     def run(targets: list[tuple[int, str]], name: str) -> AblationEffect:
+        refs = references(targets)
         fwd = []
         for i, comp in targets:
-            short = COMPONENT_HOOKS[comp]
-            ref = None if refs is None else refs[(short, i)].reshape(len(ref_batch), ref_batch.seq_len,
-                                                                     *refs.shapes[(short, i)])
-            fwd.append((get_act_name(short, i), _replacement(kind, ref, None if refs is None else refs.mask,
-                                                             len(batch), seed + i, reference is None)))
+            ref, mask = refs.get((i, comp), (None, None))
+            fwd.append((get_act_name(COMPONENT_HOOKS[comp], i),
+                        _replacement(kind, ref, mask, len(batch), seed + i, reference is None)))
         with model.hooks(fwd):
             ev = evaluate(model, batch, batch_size)
         d_loss = paired_diff_ci(ev["example_loss"], clean["example_loss"], n_resamples=n_resamples, seed=seed)

@@ -65,23 +65,26 @@ class LensResult:
 
 def _lens_from_stack(model: Any, decode: Callable[[int], Tensor], labels: list[str], targets: Tensor | None,
                      mask: Tensor, return_logits: bool) -> LensResult:
-    """``decode(i)`` -> logits [b, l, v] of stack entry i (the last entry is the model's own output)."""
+    """``decode(i)`` -> logits [b, l, v] of stack entry i (the last entry is the model's own output). One entry's
+    log-probabilities exist at a time unless ``return_logits``."""
     v = model.cfg.vocab_size
-    logps = [torch.log_softmax(decode(i)[..., :v].double(), -1).cpu() for i in range(len(labels))]
-    final = logps[-1]
+    logp = lambda i: torch.log_softmax(decode(i)[..., :v].double(), -1).cpu()  # noqa: E731
+    final = logp(len(labels) - 1)
     p_final = final.exp()
-    kl = torch.stack([(p_final * (final - lp)).sum(-1).clamp(min=0.0) for lp in logps])  # (k, b, l)
-    out = LensResult(labels, kl, mask.bool())
-    if targets is not None:
-        has = (targets != IGNORE) & mask.bool()
-        tgt = targets.clamp(min=0)[..., None]
-        lp_t = torch.stack([lp.gather(-1, tgt)[..., 0] for lp in logps])  # (k, b, l)
-        rank = torch.stack([(lp > lp.gather(-1, tgt)).sum(-1) for lp in logps])
-        out.target_logprob = lp_t.masked_fill(~has, float("nan"))
-        out.target_rank = rank.masked_fill(~has, -1)
-    if return_logits:
-        out.logits = torch.stack([lp.float() for lp in logps])
-    return out
+    has = None if targets is None else (targets != IGNORE) & mask.bool()
+    tgt = None if targets is None else targets.clamp(min=0)[..., None]
+    kl, lp_t, rank, logits = [], [], [], []
+    for i in range(len(labels)):
+        lp = final if i == len(labels) - 1 else logp(i)
+        kl.append((p_final * (final - lp)).sum(-1).clamp(min=0.0))  # (b, l)
+        if tgt is not None:
+            at = lp.gather(-1, tgt)  # (b, l, 1)
+            lp_t.append(at[..., 0].masked_fill(~has, float("nan")))
+            rank.append((lp > at).sum(-1).masked_fill(~has, -1))
+        if return_logits:
+            logits.append(lp.float())
+    return LensResult(labels, torch.stack(kl), mask.bool(), torch.stack(lp_t) if lp_t else None,
+                      torch.stack(rank) if rank else None, torch.stack(logits) if logits else None)
 
 
 def _cat(parts: list[LensResult]) -> LensResult:

@@ -101,9 +101,7 @@ class TunedLens(nn.Module):
                     stack, _ = _residual_stack(model, ids[sl], mask)
                     stacks.append(stack[:, _valid(ids[sl], mask)])  # (k, tokens, d)
             resid = torch.cat(stacks, 1).float()
-            v = model.cfg.vocab_size
-            target = torch.log_softmax(unembed(model, resid[-1])[..., :v].double(), -1).float()  # (tokens, v)
-            before = self._train_kl(model, resid, target)
+            before = self._train_kl(model, resid)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         opt = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                               weight_decay=cfg.weight_decay)
@@ -114,11 +112,14 @@ class TunedLens(nn.Module):
         try:
             for p in params:  # the model stays frozen; only the translators learn
                 p.requires_grad_(False)
-            n = resid.shape[1]
+            n, v = resid.shape[1], model.cfg.vocab_size
             for _ in range(cfg.steps):
                 idx = torch.randperm(n, generator=gen)[: cfg.batch_tokens] if n > cfg.batch_tokens else slice(None)
-                h, tgt = resid[:-1, idx], target[idx]
-                loss = sum(_kl(tgt, unembed(model, h_i + t(h_i))[..., :v]).mean() for h_i, t in zip(h, self.translators))
+                h = resid[:, idx]
+                with torch.no_grad():  # the final distribution is recomputed, not stored: [tokens, v] can be large
+                    tgt = _target(model, h[-1])
+                loss = sum(_kl(tgt, unembed(model, h_i + t(h_i))[..., :v]).mean()
+                           for h_i, t in zip(h[:-1], self.translators))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -130,14 +131,18 @@ class TunedLens(nn.Module):
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
         with torch.no_grad():
-            after = self._train_kl(model, resid, target)
+            after = self._train_kl(model, resid)
         return TunedLensFit(history, before, after, n)
 
-    def _train_kl(self, model: Any, resid: Tensor, target: Tensor) -> Tensor:
-        """Mean KL(final ‖ lens) per entry [k] on stored residuals [k, tokens, d]."""
+    def _train_kl(self, model: Any, resid: Tensor, chunk: int = 4096) -> Tensor:
+        """Mean KL(final ‖ lens) per entry [k] on stored residuals [k, tokens, d], ``chunk`` tokens at a time."""
         v = model.cfg.vocab_size
-        translated = self.translate(resid)
-        return torch.stack([_kl(target, unembed(model, h)[..., :v]).double().mean() for h in translated])
+        total = torch.zeros(resid.shape[0], dtype=torch.float64)
+        for sl in _chunks(resid.shape[1], chunk):
+            part = self.translate(resid[:, sl])
+            tgt = _target(model, part[-1])
+            total += torch.stack([_kl(tgt, unembed(model, h)[..., :v]).double().sum() for h in part])
+        return total / resid.shape[1]
 
     @torch.no_grad()
     def lens(self, model: Any, input_ids: Tensor, targets: Tensor | None = None,
@@ -181,6 +186,11 @@ class TunedLens(nn.Module):
         lens = cls(**json.loads((folder / "tuned_lens.json").read_text()))
         lens.load_state_dict(load_file(str(folder / "tuned_lens.safetensors")))
         return lens.to(device) if device is not None else lens
+
+
+def _target(model: Any, final_resid: Tensor) -> Tensor:
+    """Log-probabilities [N, v] of the model's own output from final residuals [N, d] (real vocabulary)."""
+    return torch.log_softmax(unembed(model, final_resid)[..., : model.cfg.vocab_size].double(), -1).float()
 
 
 def _kl(target_logp: Tensor, logits: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from mamba_interp.stats import estimate
 from mamba_interp.tasks.base import IGNORE
 
 LENS_FOLDER = "tuned_lens"
+LENS_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,9 @@ def _decodable(labels: list[str], accuracy: list[dict], fraction: float) -> str 
 
 def _lenses(ctx: StepContext, opts: Options, batch, train) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
     """Lens metrics, per-sequence KL tensors, and the logit lens of the batch (its final entry is the model)."""
-    model, bs, seed = ctx.model, ctx.batch_size, ctx.seed
+    model, seed = ctx.model, ctx.seed
+    # one entry's float64 log-probabilities per chunk: keep them near LENS_ELEMENTS for large vocabularies
+    bs = max(1, min(ctx.batch_size, LENS_ELEMENTS // (batch.seq_len * model.cfg.vocab_size)))
     scored = batch.eval_mask & (batch.targets != IGNORE)
     ll = logit_lens(model, batch.tokens, batch.targets, batch.attention_mask, batch_size=bs, return_logits=False)
     lens = TunedLens.for_model(model)
@@ -191,14 +194,14 @@ def _dla(ctx: StepContext, opts: Options, batch, clean_rank: torch.Tensor
 
 def _ablation(ctx: StepContext, opts: Options, batch, reference) -> dict[str, Any]:
     sub = batch.select(slice(0, min(opts.ablation_samples, len(batch))))
+    reference = reference.select(slice(0, min(opts.ablation_samples, len(reference))))
     out = {}
     for kind in ctx.progress(opts.ablation_kinds, desc="ablation"):
         res = layer_ablation(ctx.model, sub, kind, layers=ctx.layers, components=opts.ablation_components,
                              reference=None if kind == "zero" else reference, batch_size=ctx.batch_size,
                              seed=ctx.seed % 2**31, n_resamples=opts.n_resamples)
         out[kind] = {"clean": res["clean"], "effects": [e.to_dict() for e in res["effects"]]}
-    return {"sequences": len(sub), "reference": "held-out sequences" if reference is not batch else "the batch",
-            "kinds": out}
+    return {"sequences": len(sub), "reference_sequences": len(reference), "kinds": out}
 
 
 @register_step(11, "diagnostics", requires=(1,), title="Logit / tuned lens, direct logit attribution, layer ablation",
