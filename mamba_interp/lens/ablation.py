@@ -119,7 +119,7 @@ def layer_ablation(model: Any, batch: Any, kind: str = "zero", layers: Sequence[
         for i, comp in targets:
             ref, mask = refs.get((i, comp), (None, None))
             fwd.append((get_act_name(COMPONENT_HOOKS[comp], i),
-                        _replacement(kind, ref, mask, len(batch), seed + i, reference is None)))
+                        _replacement(kind, ref, mask, len(batch), seed, reference is None)))
         with model.hooks(fwd):
             ev = evaluate(model, batch, batch_size)
         d_loss = paired_diff_ci(ev["example_loss"], clean["example_loss"], n_resamples=n_resamples, seed=seed)

@@ -141,7 +141,7 @@ class TunedLens(nn.Module):
         for sl in _chunks(resid.shape[1], chunk):
             part = self.translate(resid[:, sl])
             tgt = _target(model, part[-1])
-            total += torch.stack([_kl(tgt, unembed(model, h)[..., :v]).double().sum() for h in part])
+            total += torch.stack([_kl(tgt, unembed(model, h)[..., :v]).double().sum() for h in part]).cpu()
         return total / resid.shape[1]
 
     @torch.no_grad()

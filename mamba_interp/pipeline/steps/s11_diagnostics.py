@@ -211,6 +211,9 @@ def run(ctx: StepContext) -> StepResult:
     ds = ctx.data(1)
     batch, heldout = ds["batch"], ds["heldout"]
     if heldout is None or heldout.seq_len != batch.seq_len:
+        if len(batch) < 2:
+            raise ValueError("step 11 needs at least 2 sequences to train the tuned lens on held-out ones; raise "
+                             "--samples")
         half = max(1, len(batch) // 2)
         heldout, batch = batch.select(slice(0, half)), batch.select(slice(half, len(batch)))
     if int((batch.eval_mask & (batch.targets != IGNORE)).sum()) == 0:
