@@ -2,8 +2,8 @@
 scale).
 
 Mamba's blocks are pre-norm, so the final residual is the embedding plus every mixer's output,
-``r = e + Σ_ℓ o_ℓ``. Freezing the final norm's scale ``s = sqrt(mean_d(r²) + ε)`` at its clean-run value makes the
-logit linear in the components: ``logit_t = Σ_c (γ ⊙ W_U[t]) · r_c / s`` plus the norm's and the unembedding's
+``r = e + Σ_ℓ o_ℓ``. Freezing the final norm's scale ``s = sqrt(mean_d(r²) + ε)`` at its clean-run value makes
+the logit linear in the components: ``logit_t = Σ_c (γ ⊙ W_U[t]) · r_c / s`` plus the norm's and the unembedding's
 biases when a model has them (Mamba checkpoints have neither). A logit difference replaces W_U[t] by
 W_U[t] − W_U[t'], a centred logit by W_U[t] − mean_v W_U[v]. Inside a mixer ``o = W_out · gated + b_out`` splits
 over the channels of out_proj's input (Mamba-1) or over heads (Mamba-2: ``hook_gated`` is already past the gated

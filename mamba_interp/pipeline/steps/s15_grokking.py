@@ -157,7 +157,7 @@ def run(ctx: StepContext) -> StepResult:
         "boundary_snapshots": {k: _bracket(steps, v) for k, v in boundaries.items()},
         "excluded_rise": result.excluded_rise,
         "restricted_below_test": all(m.restricted_loss <= m.test_loss for m in result.measures
-                                     if boundaries["memorised_at"] is not None and m.step >= boundaries["memorised_at"]),
+                                     if m.step >= (boundaries["memorised_at"] or 0)),
         "log_max_abs_difference": _log_check(result, log["evals"]),
     }
     energies = {"steps": torch.tensor(steps), "embed": torch.tensor([m.embed_energy for m in result.measures])}
