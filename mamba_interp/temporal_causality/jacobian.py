@@ -193,11 +193,11 @@ def influence_profile(influence: Tensor, target_positions: Tensor, normalise: bo
     gradient norms)."""
     b, T, l = influence.shape
     t = as_positions(target_positions, b, l, "target_positions").to(influence.device)
-    x = influence.abs()
+    dist = t[..., None] - torch.arange(l, device=influence.device)  # (b, T, l)
+    ok = dist >= 0
+    x = influence.abs().masked_fill(~ok, 0)
     if normalise:
         x = x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    dist = t[..., None] - torch.arange(l, device=x.device)  # (b, T, l)
-    ok = dist >= 0
     total = torch.zeros(l, dtype=x.dtype, device=x.device).index_add_(0, dist[ok], x[ok])
     count = torch.zeros(l, dtype=x.dtype, device=x.device).index_add_(0, dist[ok], torch.ones_like(x[ok]))
     return total / count.clamp_min(1)

@@ -155,7 +155,9 @@ def random_sources(lookup: Lookup, seed: int) -> Tensor:
     out = torch.empty_like(q)
     for i in range(q.shape[0]):
         banned = {int(a[i]) for a in avoid}
-        choices = [s for s in range(int(q[i])) if s not in banned] or list(range(int(q[i]) + 1))
+        # too short to avoid both: avoid the source only (the query itself is never knocked out)
+        choices = ([s for s in range(int(q[i])) if s not in banned]
+                   or [s for s in range(int(q[i])) if s != int(avoid[0][i])] or [0])
         out[i] = choices[int(torch.randint(len(choices), (1,), generator=g))]
     return out[:, None]
 
