@@ -8,10 +8,11 @@ compare it with the hidden attention). It uses plain reverse-mode autograd throu
 it works with every scan implementation, the ``loop`` scan's hand-written backward included (``torch.func``
 transforms are not used: they do not compose with that custom autograd function).
 
-Cost: one forward, then one backward per target position (batched over the sequences, which never interact)
-with ``score``, or one backward per target position *and target feature* for the Jacobian norm (v per position
-for logits: use ``score`` for large vocabularies). A backward is about two forwards and linear in l for the
-``loop``, ``chunked`` and ``parallel`` scans, so one target row costs about one forward + backward.
+Cost: one forward, then one backward per target position, batched over the sequences (which never interact).
+With ``score`` the batch is the input; for the Jacobian norm each sequence is replicated once per target
+feature (F = v for logits), so the same passes run on a batch F times larger — use ``score`` for large
+vocabularies. A backward is about two forwards and linear in l for the ``loop``, ``chunked`` and ``parallel``
+scans, so one target row with a score costs about one forward + backward.
 
 For a model without hook points (e.g. the zoo's GPT-2 baseline, issue 12's transformer comparison) pass the
 embedding *module* as ``source`` (``source=model.hf_model.transformer.wte``): its output is captured with a
@@ -87,6 +88,7 @@ def temporal_jacobian(
     score: Score | None = None,
     reduce: str = "norm",
     attention_mask: Tensor | None = None,
+    max_features: int = 1024,
 ) -> Any:
     """Influence of every source position on targets at ``target_positions``: [b, T, l], zero for s > t.
 
@@ -97,6 +99,8 @@ def temporal_jacobian(
     Jacobian into the gradient of that scalar (:func:`answer_logprob`). reduce: "norm" (Frobenius norm over the
     target's and source's feature dims), "input_x_grad" (Σ_d source·∂score/∂source, needs ``score``), or
     "none" (raw: [b, T, l, d] with a score, [b, T, F, l, d] without; F = flattened target features).
+    Without a score each sequence is replicated once per target feature (a batch of b·F, at most
+    ``max_features`` features), so each target position still costs one batched backward.
     """
     if reduce not in JACOBIAN_REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} is unknown; use one of {JACOBIAN_REDUCTIONS}")
@@ -111,47 +115,56 @@ def temporal_jacobian(
     pos = torch.arange(l).expand(b, l) if target_positions is None else as_positions(target_positions, b, l,
                                                                                      "target_positions")
     pos = pos.to(ids.device)
-    store: dict[Any, Tensor] = {}
-    with torch.enable_grad(), _capture(model, names, target, store):
-        out = model(ids) if attention_mask is None else model(ids, attention_mask=attention_mask)
-    missing = [n for n in names + ([] if target == "logits" else [target]) if n not in store]
-    if missing:
-        raise ValueError(f"{missing[0]!r} did not run in the forward pass; check the name (and stop_at_layer)")
-    tgt = out if target == "logits" else store[target]
-    sources = [store[n] for n in names]
-    rows = torch.arange(b, device=ids.device)
+    F = 1
+    if score is None:  # one replica of each sequence per target feature: every backward yields all F rows
+        F = _feature_count(model, ids, attention_mask, target)
+        if F > max_features:
+            raise ValueError(f"the target has {F} features per position (> max_features={max_features}); pass a "
+                             "score (e.g. answer_logprob(answers)) for one backward per position")
+        ids = ids.repeat_interleave(F, 0)
+        pos = pos.repeat_interleave(F, 0)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(F, 0)
+    tgt, sources = _forward(model, ids, attention_mask, names, target)
+    rows = torch.arange(ids.shape[0], device=ids.device)
     T = pos.shape[1]
     results: list[list[Tensor]] = [[] for _ in names]
     for j in range(T):
-        picked = tgt[rows, pos[:, j]]  # (b, ...)
-        last_j = j == T - 1
+        picked = tgt[rows, pos[:, j]]  # (b·F, ...)
         if score is not None:
-            value = score(picked, j)
-            grads = torch.autograd.grad(value.sum(), sources, retain_graph=not last_j, allow_unused=True)
-            for k, (g, s) in enumerate(zip(grads, sources)):
-                g = torch.zeros_like(s) if g is None else g  # (b, l, ...)
-                if reduce == "norm":
-                    results[k].append(g.flatten(2).norm(dim=-1))
-                elif reduce == "input_x_grad":
-                    results[k].append((g * s.detach()).flatten(2).sum(-1))
-                else:
-                    results[k].append(g.flatten(2))
-            continue
-        flat = picked.reshape(b, -1)
-        acc: list[Any] = [0.0 for _ in names] if reduce == "norm" else [[] for _ in names]
-        for f in range(flat.shape[1]):
-            last = last_j and f == flat.shape[1] - 1
-            grads = torch.autograd.grad(flat[:, f].sum(), sources, retain_graph=not last, allow_unused=True)
-            for k, (g, s) in enumerate(zip(grads, sources)):
-                g = torch.zeros_like(s) if g is None else g
-                if reduce == "norm":
-                    acc[k] = acc[k] + g.flatten(2).square().sum(-1)
-                else:
-                    acc[k].append(g.flatten(2))
-        for k in range(len(names)):
-            results[k].append(acc[k].sqrt() if reduce == "norm" else torch.stack(acc[k], 1))
+            value = score(picked, j).sum()
+        else:  # replica f of a sequence differentiates its own feature f
+            value = picked.reshape(b, F, F).diagonal(dim1=1, dim2=2).sum()
+        grads = torch.autograd.grad(value, sources, retain_graph=j < T - 1, allow_unused=True)
+        for k, (g, src) in enumerate(zip(grads, sources)):
+            g = (torch.zeros_like(src) if g is None else g).reshape(b, F, l, -1)  # (b, F, l, d)
+            if reduce == "norm":
+                results[k].append(g.square().sum(dim=(1, 3)).sqrt())
+            elif reduce == "input_x_grad":
+                results[k].append((g[:, 0] * src.detach().reshape(b, l, -1)).sum(-1))
+            else:
+                results[k].append(g[:, 0] if score is not None else g)
     stacked = [torch.stack(r, 1).detach() for r in results]  # (b, T, l[, ...])
     return stacked[0] if single else dict(zip(names, stacked))
+
+
+def _forward(model: nn.Module, ids: Tensor, mask: Tensor | None, names: list[Any], target: Any
+             ) -> tuple[Tensor, list[Tensor]]:
+    store: dict[Any, Tensor] = {}
+    with torch.enable_grad(), _capture(model, names, target, store):
+        out = model(ids) if mask is None else model(ids, attention_mask=mask)
+    missing = [n for n in names + ([] if target == "logits" else [target]) if n not in store]
+    if missing:
+        raise ValueError(f"{missing[0]!r} did not run in the forward pass; check the name")
+    return (out if target == "logits" else store[target]), [store[n] for n in names]
+
+
+def _feature_count(model: nn.Module, ids: Tensor, mask: Tensor | None, target: Any) -> int:
+    """Features of the target at one position: the logits' width from the config, else from a probe forward."""
+    if target == "logits" and hasattr(getattr(model, "cfg", None), "padded_vocab_size"):
+        return int(model.cfg.padded_vocab_size)
+    with torch.no_grad():
+        out, _ = _forward(model, ids[:1], None if mask is None else mask[:1], [], target)
+    return int(out[0, 0].numel())
 
 
 def memory_horizon(influence: Tensor, threshold: float = 0.1, target_positions: Any = None) -> Tensor:

@@ -4,7 +4,7 @@ determinism; and (slow) the default zoo model's lookup layer."""
 from __future__ import annotations
 
 import pytest
-from pipeline_helpers import read_result, run_pipeline
+from pipeline_helpers import load_step_data, read_result, run_pipeline
 
 from mamba_interp.pipeline.config import UsageError
 from mamba_interp.pipeline.registry import get_step
@@ -42,16 +42,7 @@ def test_step7_metrics_files_and_figures(m1_run):
 
 
 def test_step7_loader_gives_the_contracted_data(m1_run, task_model_dir):
-    from mamba_interp.pipeline import RunConfig, Runner
-
-    runner = Runner(RunConfig(model=str(task_model_dir), output=str(m1_run), samples=12, batch_size=8, quiet=True,
-                              steps="7", resume=True, figures=False))
-    try:
-        runner.prepare()
-        step = get_step(7)
-        data = step.load(runner._context(step, runner.device, 8))
-    finally:
-        runner.close()
+    data = load_step_data(task_model_dir, m1_run, 7, hooks=["dt"])
     m = read_result(m1_run, "step_07_ssm_dynamics")["metrics"]
     assert set(data) == {"induction_score", "knockout_accuracy_drop", "top_channels"}
     assert data["induction_score"] == {int(k): v for k, v in m["induction_score"].items()}

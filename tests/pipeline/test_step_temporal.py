@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_helpers import read_result, run_pipeline
+from pipeline_helpers import load_step_data, read_result, run_pipeline
 
 from mamba_interp.pipeline.config import UsageError
 from mamba_interp.pipeline.registry import get_step
@@ -38,16 +38,7 @@ def test_step8_metrics_and_figures(m1_run):
 
 
 def test_step8_loader(m1_run, task_model_dir):
-    from mamba_interp.pipeline import RunConfig, Runner
-
-    runner = Runner(RunConfig(model=str(task_model_dir), output=str(m1_run), samples=12, batch_size=8, quiet=True,
-                              steps="8", resume=True, figures=False, step_options=FAST))
-    try:
-        runner.prepare()
-        step = get_step(8)
-        data = step.load(runner._context(step, runner.device, 8))
-    finally:
-        runner.close()
+    data = load_step_data(task_model_dir, m1_run, 8, step_options=FAST)
     m = read_result(m1_run, "step_08_temporal")["metrics"]
     assert data["top_source_hit"] == m["top_source_hit"]
     assert set(data["influence"]) == {"embed", 0, 1}

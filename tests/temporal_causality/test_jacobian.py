@@ -51,6 +51,10 @@ def test_jacobian_norm_equals_functional_jacobian_for_every_scan(model):
         assert got.shape == (2, L, L) and rel_err(got, ref) <= 1e-4, impl
         assert float(got.triu(1).abs().max()) == 0.0  # no influence from the future
     model.set_scan_impl("auto")
+    raw = temporal_jacobian(model, tokens, [8, 3], reduce="none")  # (b, T, F, l, d): the whole Jacobian rows
+    assert rel_err(raw, torch.stack([J[i, [8, 3], :, i] for i in range(2)])) <= 1e-4
+    with pytest.raises(ValueError, match="max_features"):
+        temporal_jacobian(model, tokens, [8], max_features=4)
 
 
 def test_score_gradient_sources_and_reductions(model):
