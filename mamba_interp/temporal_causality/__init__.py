@@ -57,10 +57,10 @@ from mamba_interp.temporal_causality.lookup import (
 )
 
 __all__ = [
-    "Lookup", "LookupAttention", "SSMInputs", "Timescales", "answer_correct", "answer_logprob", "attention_weights", "class_shares",
-    "cluster_decays", "decay_timescales", "delta_selectivity", "effective_rank", "gate_stats", "hidden_attention",
-    "induction_score", "influence_on_answer", "influence_profile", "knockout", "knockout_accuracy_drop",
-    "lookup_attention", "lookup_positions", "mcnemar_greater", "memory_horizon", "participation_ratio",
-    "position_classes", "proportion_ci", "random_sources", "row_sparsity", "segsum_rows", "ssm_inputs", "temporal_jacobian", "tokens_for_mass",
-    "top_source_hit", "top_units",
+    "Lookup", "LookupAttention", "SSMInputs", "Timescales", "answer_correct", "answer_logprob", "attention_weights",
+    "class_shares", "cluster_decays", "decay_timescales", "delta_selectivity", "effective_rank", "gate_stats",
+    "hidden_attention", "induction_score", "influence_on_answer", "influence_profile", "knockout",
+    "knockout_accuracy_drop", "lookup_attention", "lookup_positions", "mcnemar_greater", "memory_horizon",
+    "participation_ratio", "position_classes", "proportion_ci", "random_sources", "row_sparsity", "segsum_rows",
+    "ssm_inputs", "temporal_jacobian", "tokens_for_mass", "top_source_hit", "top_units",
 ]

@@ -238,7 +238,7 @@ def hidden_attention(
     l = 1024) never holds [b, e, l, l]. ``query_positions`` (ints shared by all sequences, or [b] / [b, T]
     per sequence) computes only those rows t: the l axis of rows becomes T. Padding (``attention_mask``) is
     handled as the model does: padded positions feed u = 0, so their columns contribute nothing.
-    Cost: O(b·e·n·T·l) time (Mamba-2 O(b·h·T·(l + n))), memory O(chunk_elements) beyond the output.
+    Cost: O(b·e·n·T·l) time (Mamba-2 O(b·T·l·(g·n + h))), memory O(chunk_elements) beyond the output.
     """
     inp = ssm_inputs(model, input_ids, [layer], attention_mask)[layer]
     b, l = inp.dt.shape[:2]

@@ -3,10 +3,10 @@
 ``temporal_jacobian`` measures how much the target at position t (logits, or any hook) depends on the source
 activation at every position s: ‖∂ target_t / ∂ source_s‖_F over the feature dimensions, or, with ``score``,
 the gradient of one scalar per target (e.g. the correct answer's log-prob) — gradient-based input attribution
-for SSMs (Rezaei Jafari et al. 2024, MambaLRP, arXiv 2406.07592, start from the same gradient; Ali et al. 2024
-compare it with the hidden attention). It uses plain reverse-mode autograd through the model's own forward, so
-it works with every scan implementation, the ``loop`` scan's hand-written backward included (``torch.func``
-transforms are not used: they do not compose with that custom autograd function).
+(MambaLRP, Rezaei Jafari et al. 2024, arXiv 2406.07592, starts from the same gradient × input). It uses plain
+reverse-mode autograd through the model's own forward, so it works with every scan implementation, the ``loop``
+scan's hand-written backward included (``torch.func`` transforms are not used: they do not compose with that
+custom autograd function).
 
 Cost: one forward, then one backward per target position, batched over the sequences (which never interact).
 With ``score`` the batch is the input; for the Jacobian norm each sequence is replicated once per target
@@ -14,7 +14,7 @@ feature (F = v for logits), so the same passes run on a batch F times larger —
 vocabularies. A backward is about two forwards and linear in l for the ``loop``, ``chunked`` and ``parallel``
 scans, so one target row with a score costs about one forward + backward.
 
-For a model without hook points (e.g. the zoo's GPT-2 baseline, issue 12's transformer comparison) pass the
+For a model without hook points (e.g. the zoo's GPT-2 baseline in a transformer comparison) pass the
 embedding *module* as ``source`` (``source=model.hf_model.transformer.wte``): its output is captured with a
 forward hook and the same gradient-of-score path applies to any ``nn.Module`` returning logits.
 """

@@ -185,7 +185,10 @@ def proportion_ci(hits: Any, confidence: float = 0.95) -> list[float]:
 @torch.no_grad()
 def answer_correct(model: Any, batch: Any, lookup: Lookup | None = None, batch_size: int = 64) -> Tensor:
     """[b] bool: the model's argmax at the first query of each sequence is the answer."""
-    lk = (lookup if lookup is not None else lookup_positions(batch)).column(0)
+    lk = lookup if lookup is not None else lookup_positions(batch)
+    if lk is None:
+        raise ValueError("answer_correct needs a batch with a scored position (targets or a lookup)")
+    lk = lk.column(0)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(batch), batch_size):

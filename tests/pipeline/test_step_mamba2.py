@@ -26,7 +26,8 @@ def test_step20_writes_every_layer(m2_model_dir, tmp_path):
     res = read_result(out, "step_20_mamba2")
     assert summary.exit_code == 0 and res["status"] == "completed", res.get("error")
     folder = out / "step_20_mamba2"
-    names = list(FILES) + [f"mamba2_{k}_layer_{i}.json" for i in (0, 1) for k in ("ssm_parameters", "sequence_dynamics")]
+    names = list(FILES) + [f"mamba2_{k}_layer_{i}.json" for i in (0, 1)
+                           for k in ("ssm_parameters", "sequence_dynamics")]
     for name in names + ["gates.png", "decay_spectrum.png", "state_rank.png", "attention_sparsity.png"]:
         assert (folder / name).is_file() and name in res["artifacts"], name
     params = json.loads((folder / "mamba2_ssm_parameters_layer_1.json").read_text())

@@ -73,7 +73,7 @@ def test_float32_reconstruction_to_the_output_scale(name):
 
 
 def test_mamba1_alpha_equals_the_product_form():
-    """α[e, t, s] = Σ_n C_t[n] (Π_{k=s+1..t} exp(Δ_k A[e, n])) Δ_s B_s[n] (Ali et al. 2024, eq. for α), by loops."""
+    """α[e, t, s] = Σ_n C_t[n] (Π_{k=s+1..t} exp(Δ_k A[e, n])) Δ_s B_s[n] (Ali et al. 2024), with loops."""
     model = make("mamba1")
     ids, _ = batch(b=1, length=7)
     inp = ssm_inputs(model, ids, [0])[0]

@@ -121,7 +121,8 @@ def test_embedding_module_path_for_a_transformer():
 
 # ---- memory horizon ------------------------------------------------------------------------------------
 def test_memory_horizon_on_a_planted_exponential_decay():
-    """One channel, constant Δ, |A|: I(τ) = Δ·exp(−Δ|A|τ), so the horizon at threshold ε is ⌊ln(1/ε)/(Δ|A|)⌋."""
+    """One channel, constant Δ and |A|: I(τ) = Δ·exp(−Δ|A|τ), so the horizon at threshold ε is
+    ⌊ln(1/ε)/(Δ|A|)⌋."""
     dt, a, l = 0.3, 0.5, 64
     t = torch.arange(l, dtype=torch.float64)
     tau = t[:, None] - t[None, :]

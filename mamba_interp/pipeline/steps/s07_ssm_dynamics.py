@@ -232,12 +232,13 @@ def _reading(m: dict[str, Any], unit: str, L: int, notes: list[str]) -> str:
                 continue
             e, c, t = s["mean"], s["control_mean"], s["top"][0]
             parts.append(
-                f"Layer {i}: mean Δ on {sel['relevant']} is {np.exp(e['value']):.2f}× (95% CI {np.exp(e['ci'][0]):.2f}–"
-                f"{np.exp(e['ci'][1]):.2f}) the mean Δ elsewhere, geometric mean over {unit}s (same count of random "
-                f"positions: {np.exp(c['value']):.2f}×, CI {np.exp(c['ci'][0]):.2f}–{np.exp(c['ci'][1]):.2f}); "
+                f"Layer {i}: mean Δ on {sel['relevant']} is {np.exp(e['value']):.2f}× "
+                f"(95% CI {np.exp(e['ci'][0]):.2f}–{np.exp(e['ci'][1]):.2f}) the mean Δ elsewhere, geometric mean "
+                f"over {unit}s (same count of random positions: {np.exp(c['value']):.2f}×, "
+                f"CI {np.exp(c['ci'][0]):.2f}–{np.exp(c['ci'][1]):.2f}); "
                 f"{100 * s['fraction_above_control']:.0f}% of {unit}s differ more than any {unit} does under the "
-                f"control; the most selective {unit}, {t['unit']}, is at {np.exp(t['log_ratio']):.2f}× (CI {np.exp(t['ci'][0]):.2f}–"
-                f"{np.exp(t['ci'][1]):.2f}).")
+                f"control; the most selective {unit}, {t['unit']}, is at {np.exp(t['log_ratio']):.2f}× "
+                f"(CI {np.exp(t['ci'][0]):.2f}–{np.exp(t['ci'][1]):.2f}).")
     for i in m["layers"]:
         t = m["timescales"][str(i)]
         parts.append(
@@ -255,8 +256,9 @@ def _reading(m: dict[str, Any], unit: str, L: int, notes: list[str]) -> str:
                     f"(control {sc['control']['value']:.2f})")
             if str(i) in ko:
                 k = m["knockout"][str(i)]
-                text += (f", knockout drop {k['drop']['value']:.2f} [{k['drop']['ci'][0]:.2f}, {k['drop']['ci'][1]:.2f}]"
-                         f" (random-source control {k['control_drop']['value']:.2f}, McNemar p = {k['p_vs_control']:.2g})")
+                d = k["drop"]
+                text += (f", knockout drop {d['value']:.2f} [{d['ci'][0]:.2f}, {d['ci'][1]:.2f}] (random-source "
+                         f"control {k['control_drop']['value']:.2f}, McNemar p = {k['p_vs_control']:.2g})")
             desc.append(text)
         sc_best = scores[best]
         if ko and ko[best] > 0.1:
@@ -335,8 +337,8 @@ def _figures(ctx: StepContext, unit: str, selectivity: dict, relevant: Any, time
         x = np.arange(len(layers))
         sc = metrics["induction_score_ci"]
         axes[1].bar(x - 0.2, [sc[str(i)]["value"] for i in layers], 0.2, label="induction score",
-                    yerr=np.array([[sc[str(i)]["value"] - sc[str(i)]["ci"][0], sc[str(i)]["ci"][1] - sc[str(i)]["value"]]
-                                   for i in layers]).T)
+                    yerr=np.array([[sc[str(i)]["value"] - sc[str(i)]["ci"][0],
+                                    sc[str(i)]["ci"][1] - sc[str(i)]["value"]] for i in layers]).T)
         axes[1].bar(x, [sc[str(i)]["control"]["value"] for i in layers], 0.2, label="score control")
         if "knockout" in metrics:
             ko = metrics["knockout"]

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.datasets import repeated_tokens

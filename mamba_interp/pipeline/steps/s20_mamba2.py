@@ -253,8 +253,8 @@ def _figures(ctx: StepContext, per_layer: dict, timescales: dict, head_labels: n
             sel = head_labels[li] == g
             ax.errorbar(x[sel], d[1, sel], yerr=[d[1, sel] - d[0, sel], d[2, sel] - d[1, sel]], fmt=markers[g % 5],
                         ms=4, lw=0.8, color=f"C{g}", label=f"{name}" if li == 0 else None)
-    ax.set(title="per-step decay exp(Δ·A) per head (median, 10–90%), by timescale group", xlabel="head (layers offset)",
-           ylabel="decay")
+    ax.set(title="per-step decay exp(Δ·A) per head (median, 10–90%), by timescale group",
+           xlabel="head (layers offset)", ylabel="decay")
     ax.legend(fontsize=7)
     ctx.save_figure(fig, "decay_spectrum")
 
