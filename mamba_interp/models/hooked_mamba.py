@@ -39,11 +39,14 @@ class Block(nn.Module):
 
     def forward(
         self, resid: torch.Tensor, mask: torch.Tensor | None = None, state: LayerState | None = None
-    ) -> tuple[torch.Tensor, LayerState | None]:
+    ) -> torch.Tensor | tuple[torch.Tensor, LayerState]:
+        """resid [b, l, d] -> [b, l, d]; with the layer's inference ``state``, also the state after it."""
         resid = self.hook_resid_pre(resid)
         normed = self.hook_norm(self.norm(resid.to(self.norm.weight.dtype)))
         if self.residual_in_fp32:
             resid = resid.float()
+        if state is None:
+            return self.hook_resid_post(resid + self.mixer(normed, mask))
         out, state = self.mixer(normed, mask, state)
         return self.hook_resid_post(resid + out), state
 
@@ -168,12 +171,14 @@ class HookedMamba(HookedRootModule):
             if stop_at_layer is not None:
                 raise ValueError("stop_at_layer cannot be combined with state (the state needs every layer)")
             check_state(state, self.cfg, input_ids.shape[0])
-        layer_states = [None] * n if state is None else state.layers
         new_states = []
         resid = self.hook_embed(self.embed(input_ids))  # (b, l, d)
-        for block, layer_state in zip(self.blocks[: n if stop_at_layer is None else stop_at_layer], layer_states):
-            resid, new = block(resid, mask, layer_state)
-            new_states.append(new)
+        for i, block in enumerate(self.blocks[: n if stop_at_layer is None else stop_at_layer]):
+            if state is None:
+                resid = block(resid, mask)
+            else:
+                resid, new = block(resid, mask, state.layers[i])
+                new_states.append(new)
         if stop_at_layer is not None:
             return resid
         normed = self.hook_norm_final(self.norm_f(resid))

@@ -67,9 +67,9 @@ class Mamba1Mixer(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, state: LayerState | None = None
-    ) -> tuple[torch.Tensor, LayerState | None]:
-        """hidden [b, l, d] (normalised residual), mask [b, l] or None, the layer's inference state or None
-        -> ([b, l, d], the state after the last token, or None without a state)."""
+    ) -> torch.Tensor | tuple[torch.Tensor, LayerState]:
+        """hidden [b, l, d] (normalised residual), mask [b, l] or None -> [b, l, d]; with the layer's inference
+        ``state``, -> ([b, l, d], the state after the last token)."""
         cfg, dtype = self.cfg, hidden.dtype
         if mask is not None:  # padding is zeroed before in_proj and after the conv, as in transformers
             hidden = hidden * mask[..., None].to(dtype)
@@ -88,7 +88,8 @@ class Mamba1Mixer(nn.Module):
         y = self.hook_y(y.to(dtype))  # (b, l, e)
         gate = self.hook_gate(F.silu(z))
         gated = self.hook_gated(y * gate)
-        return self.hook_out(self.out_proj(gated)), (None if state is None else LayerState(window, h_last))
+        out = self.hook_out(self.out_proj(gated))
+        return out if state is None else (out, LayerState(window, h_last))
 
     def ssm(
         self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: LayerState | None = None

@@ -66,9 +66,9 @@ class Mamba2Mixer(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, state: LayerState | None = None
-    ) -> tuple[torch.Tensor, LayerState | None]:
-        """hidden [b, l, d] (normalised residual), mask [b, l] or None, the layer's inference state or None
-        -> ([b, l, d], the state after the last token, or None without a state)."""
+    ) -> torch.Tensor | tuple[torch.Tensor, LayerState]:
+        """hidden [b, l, d] (normalised residual), mask [b, l] or None -> [b, l, d]; with the layer's inference
+        ``state``, -> ([b, l, d], the state after the last token)."""
         cfg, dtype = self.cfg, hidden.dtype
         b, l, _ = hidden.shape
         e, h, p, g, n = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
@@ -90,7 +90,7 @@ class Mamba2Mixer(nn.Module):
         gate = self.hook_gate(F.silu(z))  # (b, l, e)
         gated = self.hook_gated(self.norm(y.reshape(b, l, e), gate))
         out = self.hook_out(self.out_proj(gated.to(dtype)))
-        return out, (None if state is None else LayerState(window, h_last))
+        return out if state is None else (out, LayerState(window, h_last))
 
     def ssm(
         self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: LayerState | None = None

@@ -111,17 +111,20 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
              scorers: dict[str, Scorer] | None = None) -> dict[str, Any]:
     """Accuracy over ``eval_mask``, mean cross-entropy over scored targets, and per example [b]: the mean
     probability (``p_correct``) and log-probability (``logprob``) of the correct token over the scored positions,
-    the fraction of them right (``example_accuracy``), whether all are (``example_correct``), the argmax at the
-    last scored position (``prediction``), and each of ``scorers`` (under ``scores``)."""
+    whether every scored position is right (``example_correct``), the mean cross-entropy over its targets
+    (``example_loss``, NaN without one), the fraction of its scored positions that are right
+    (``example_accuracy``, NaN without one), the argmax at the last scored position (``prediction``), and each of
+    ``scorers`` (under ``scores``). Runs under any hooks attached with ``model.hooks(...)``."""
     device = next(model.parameters()).device
     b = len(batch)
     correct_pos = total_pos = 0
     loss_sum, loss_n = 0.0, 0
     p_correct = torch.zeros(b, dtype=torch.float64)
     logprob = torch.zeros(b, dtype=torch.float64)
-    example_acc = torch.zeros(b, dtype=torch.float64)
     prediction = torch.zeros(b, dtype=torch.long)
     all_right = torch.zeros(b, dtype=torch.bool)
+    example_loss = torch.full((b,), float("nan"), dtype=torch.float64)
+    example_acc = torch.full((b,), float("nan"), dtype=torch.float64)
     scores = {name: torch.zeros(b, dtype=torch.float64) for name in scorers or {}}
     starts = range(0, b, batch_size)
     for s in (progress(starts) if progress is not None else starts):
@@ -144,10 +147,12 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         n_scored = emask.sum(-1).clamp(min=1)
         p_correct[sl] = ((lp.exp() * emask).sum(-1) / n_scored).double().cpu()
         logprob[sl] = ((lp * emask).sum(-1) / n_scored).double().cpu()
-        example_acc[sl] = (hit.sum(-1) / n_scored).double().cpu()
         last = (emask.long() * torch.arange(emask.shape[1], device=device)).argmax(-1)  # last scored position
         prediction[sl] = pred.gather(1, last[:, None])[:, 0].cpu()
         all_right[sl] = (hit | ~emask).all(-1).cpu()
+        n_t, n_e = scored.sum(-1), emask.sum(-1)
+        example_loss[sl] = torch.where(n_t > 0, -(lp * scored).sum(-1) / n_t.clamp(min=1), torch.nan).double().cpu()
+        example_acc[sl] = torch.where(n_e > 0, hit.sum(-1) / n_e.clamp(min=1), torch.nan).double().cpu()
         for name, fn in (scorers or {}).items():
             scores[name][sl] = fn(logits, batch.select(sl)).double().cpu()
     return {
@@ -159,6 +164,7 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         "example_accuracy": example_acc,
         "prediction": prediction,
         "example_correct": all_right,
+        "example_loss": example_loss,
         "scores": scores,
     }
 

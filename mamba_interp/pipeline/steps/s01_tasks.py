@@ -142,7 +142,7 @@ def _lm_reading(sets_metrics: dict, scores: dict, notes: list[str]) -> str:
 
 
 @register_step(1, "tasks", requires=(0,), title="Datasets: task batches with ground truth, or prompt sets", load=load,
-               version=2)
+               reads=("samples", "seq_len", "batch_size", "figures"), version=2)
 def run(ctx: StepContext) -> StepResult:
     ds = _datasets(ctx)
     chance = getattr(ds.task, "chance", None) if ds.kind == "task" else None
