@@ -63,7 +63,8 @@ def main() -> None:
                 line = f"  generate {n:4d} tokens: {gen:7.3f} s = {gen / n * 1e3:6.2f} ms/token"
                 if n <= args.loop_max:
                     loop = cpu_time(lambda n=n: reprocessing_loop(model, ids, n), args.repeats)
-                    line += f" | re-processing loop {loop:7.3f} s = {loop / n * 1e3:6.2f} ms/token, ratio {gen / loop:.3f}"
+                    line += (f" | re-processing loop {loop:7.3f} s = {loop / n * 1e3:6.2f} ms/token, "
+                             f"ratio {gen / loop:.3f}")
                 print(line)
             names = [n for n, hp in model.hook_dict.items() if not hp.lazy]
             hooks = [(names, lambda a, h: None)]

@@ -3,9 +3,9 @@
 A :class:`HookPoint` is an identity module placed on every activation of interest; its name is its module
 path (``blocks.3.mixer.hook_dt``). A hook is ``fn(tensor, hook) -> tensor | None``; returning a tensor
 replaces the activation downstream; editing the input in place raises a :class:`HookError` on every hook
-point (TransformerLens' ``h[:, 10] = 0; return h`` must become ``h = h.clone(); ...``). Hooks are attached only inside :meth:`HookedRootModule.hooks` (or
-``run_with_hooks`` / ``run_with_cache``, which use it) and are removed in ``finally``, so an exception in a
-hook or in the forward never leaves one behind.
+point (TransformerLens' ``h[:, 10] = 0; return h`` must become ``h = h.clone(); ...``). Hooks are attached
+only inside :meth:`HookedRootModule.hooks` (or ``run_with_hooks`` / ``run_with_cache``, which use it) and are
+removed in ``finally``, so an exception in a hook or in the forward never leaves one behind.
 """
 
 from __future__ import annotations

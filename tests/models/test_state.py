@@ -147,5 +147,6 @@ def test_an_in_place_edit_of_the_state_raises_and_leaves_the_state_intact(hook):
         _, state = model(ids[:, :8], state=model.init_state(3))
         before = [(s.conv.clone(), s.ssm.clone()) for s in state.layers]
         with pytest.raises(HookError, match="in place"):
-            model.run_with_hooks(ids[:, 8:], state=state, fwd_hooks=[(f"blocks.0.mixer.{hook}", lambda t, h: t.zero_())])
+            model.run_with_hooks(ids[:, 8:], state=state,
+                                 fwd_hooks=[(f"blocks.0.mixer.{hook}", lambda t, h: t.zero_())])
     assert all(torch.equal(s.conv, c) and torch.equal(s.ssm, h) for s, (c, h) in zip(state.layers, before))

@@ -21,7 +21,8 @@ def tok():
 def folder(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("lm")
     torch.manual_seed(0)
-    HookedMamba(MambaConfig(d_model=16, n_layer=1, vocab_size=len(tok), pad_vocab_size_multiple=8)).save_pretrained(path)
+    cfg = MambaConfig(d_model=16, n_layer=1, vocab_size=len(tok), pad_vocab_size_multiple=8)
+    HookedMamba(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -59,13 +59,15 @@ def test_random_language_model_with_tokenizer(tokenizer_model_dir, tmp_path):
     assert ex["prompt"].endswith("to") and ex["answer"].startswith('"') and ex["wrong"].startswith('"')
     assert not any(s["above_chance"] for s in (d["score"] for d in m["datasets"].values()))
     assert m["chance_warning"].startswith("The model is at chance on every one of its 3 datasets")
-    assert res["reading"].startswith("Warning: no dataset is above chance") and "logit difference IO − S" in res["reading"]
+    assert res["reading"].startswith("Warning: no dataset is above chance")
+    assert "logit difference IO − S" in res["reading"]
     labels = json.loads((tmp_path / "tok" / "step_01_tasks" / "dataset_ioi_metadata.json").read_text())["answer_label"]
     assert len(labels) == 12 and all(lab.startswith('"') for lab in labels)
 
 
 def test_random_language_model_without_tokenizer(lm_model_dir, tmp_path):
     _, summary = run_pipeline(lm_model_dir, tmp_path / "lm", steps="0-1", seq_len=16)
+    assert summary.exit_code == 0
     m = read_result(tmp_path / "lm", "step_01_tasks")["metrics"]
     score = m["datasets"]["repeated_tokens"]["score"]
     assert score["score"] == "accuracy" and score["chance"] == pytest.approx(1 / 50) and not score["above_chance"]
@@ -74,6 +76,7 @@ def test_random_language_model_without_tokenizer(lm_model_dir, tmp_path):
 
 def test_trained_zoo_model_has_no_chance_warning(tmp_path):
     _, summary = run_pipeline("induction-mamba1", tmp_path / "zoo", steps="0-1")
+    assert summary.exit_code == 0
     m = read_result(tmp_path / "zoo", "step_01_tasks")["metrics"]
     score = m["datasets"]["induction"]["score"]
     assert score["above_chance"] and score["ci"][0] > 0.9
