@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from pipeline_helpers import read_result, run_pipeline
-from test_step_sae import tiny_model_dir
+from test_step_sae import trained_model  # noqa: F401  (the fixture: the session's tiny trained induction model)
 
 from mamba_interp.pipeline import RunConfig, Runner
 from mamba_interp.pipeline.config import UsageError
@@ -28,12 +28,7 @@ def probe_run(model: Path | str, out: Path, **kw):
 
 
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def probes_out(trained_model, tmp_path_factory) -> Path:
+def probes_out(trained_model, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("probes") / "run"
     _, summary = probe_run(trained_model, out, hooks=["resid_post", "x", "y"])
     assert summary.exit_code == 0
