@@ -83,7 +83,8 @@ def erasing_hook(eraser: Any, positions: torch.Tensor | None = None) -> Any:
 
     def fn(t: torch.Tensor, hook: Any) -> torch.Tensor:
         flat = t.reshape(*t.shape[:2], -1)  # (b, l, k)
-        erased = eraser(flat.double()).to(t.dtype)
+        # the eraser lives on the CPU in float64 (where it was fitted); the activation may be on a GPU
+        erased = eraser(flat.cpu().double()).to(t.device, t.dtype)
         if positions is not None:
             erased = torch.where(positions.to(t.device)[..., None], erased, flat)
         return erased.reshape(t.shape)
@@ -197,4 +198,5 @@ def amnesic_test(model: Any, x: torch.Tensor, y: Any, layer: int, hook: str, eva
     return AmnesicTest(variable, layer, hook, rank,
                        amnesic_effect(model, eval_batch, name, eraser, eval_positions, **kw),
                        amnesic_effect(model, eval_batch, name, ctrl, eval_positions, **kw),
-                       float(torch.linalg.norm(xx - erased_x) / centred), float(torch.linalg.norm(xx - ctrl_x) / centred))
+                       float(torch.linalg.norm(xx - erased_x) / centred),
+                       float(torch.linalg.norm(xx - ctrl_x) / centred))

@@ -1,7 +1,7 @@
 """Linear probes of a variable from activations (scikit-learn estimators throughout), their sparsity curve, and
 the Hewitt & Liang control task.
 
-* :func:`fit_probe` — one probe of ``y`` from ``X`` [N, d] (scikit-learn estimators throughout). The rows are split
+* :func:`fit_probe` — one probe of ``y`` from ``X`` [N, d]. The rows are split
   once into train and test by ``groups`` (the sequence of each token: tokens of one sequence are not independent,
   so a sequence is never on both sides of a split); the regularisation is chosen by grouped cross-validation on the
   training part (the ``*CV`` estimators) and the score is measured on the test part, which was used neither to fit
@@ -62,7 +62,6 @@ TASK_METHODS = {
     REGRESSION: ("ksparse", "lasso", "elasticnet", "ridge"),
     CLASSIFICATION: ("ksparse", "elasticnet", "logistic_l1", "ridge", "logistic"),
 }
-DENSE_METHODS = ("ridge", "logistic")
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 KSPARSE_C = 1.0
 """Inverse L2 strength of the logistic fit on the k selected dimensions (Gurnee et al. 2023; SAEBench)."""
@@ -124,7 +123,7 @@ class Probe:
     def score_estimate(self, n_resamples: int = 1000, seed: int = 0) -> Estimate:
         """The held-out score with a bootstrap CI over test groups (sequences)."""
         if self.heldout is None:
-            raise ValueError("this probe has no held-out predictions (it was loaded from disk)")
+            raise ValueError("this probe has no held-out predictions to resample")
         sums, _ = _group_sums(self.heldout, self.task)
         return _group_bootstrap(sums, lambda t: _score_from_sums(t, self.task), n_resamples, seed)
 
@@ -159,14 +158,14 @@ def _labels(y: Any, task: str | None) -> tuple[np.ndarray, str]:
     task = task or infer_task(y)
     if task not in (CLASSIFICATION, REGRESSION):
         raise ValueError(f"task={task!r} is unknown; use {CLASSIFICATION!r} or {REGRESSION!r}")
+    if not np.all(np.isfinite(y.astype(np.float64))):
+        raise ValueError("y has NaN or infinite entries; keep only the rows where the variable is defined")
     if task == REGRESSION:
         y = y.astype(np.float64)
     elif y.dtype.kind == "f":
         if not np.all(y == np.round(y)):
             raise ValueError("classification labels must be integers; pass task='regression' for a numeric target")
         y = y.astype(np.int64)
-    if not np.all(np.isfinite(y.astype(np.float64))):
-        raise ValueError("y has NaN or infinite entries; keep only the rows where the variable is defined")
     return y, task
 
 
@@ -191,8 +190,8 @@ def _estimator(method: str, task: str, n_classes: int, folds: list | None, seed:
         alt = {"lasso": "logistic_l1", "logistic_l1": "lasso", "logistic": "ridge"}.get(method)
         hint = f"; use {alt!r}" if alt in TASK_METHODS[task] else ""
         raise ValueError(f"method {method!r} does not fit a {task} target{hint}")
-    logistic = dict(Cs=list(CS if method != "logistic_l1" else L1_CS), cv=folds, class_weight="balanced", scoring="balanced_accuracy",
-                    use_legacy_attributes=False, random_state=seed, max_iter=300)
+    logistic = dict(Cs=list(L1_CS if method == "logistic_l1" else CS), cv=folds, class_weight="balanced",
+                    scoring="balanced_accuracy", use_legacy_attributes=False, random_state=seed, max_iter=300)
     if task == REGRESSION:
         if method == "lasso":
             return lm.LassoCV(alphas=N_LASSO_ALPHAS, cv=folds, random_state=seed, max_iter=2000)
@@ -209,7 +208,7 @@ def _estimator(method: str, task: str, n_classes: int, folds: list | None, seed:
     return l1 if n_classes <= 2 else OneVsRestClassifier(l1)
 
 
-def _coef_and_reg(est: Any, method: str) -> tuple[np.ndarray, dict[str, float]]:
+def _coef_and_reg(est: Any) -> tuple[np.ndarray, dict[str, float]]:
     if hasattr(est, "estimators_"):  # one-vs-rest of binary CV probes
         coef = np.concatenate([np.atleast_2d(e.coef_) for e in est.estimators_])
         return coef, {"C": float(np.median([np.ravel(e.C_)[0] for e in est.estimators_]))}
@@ -280,7 +279,7 @@ def fit_probe(X: Any, y: Any, method: str = "ksparse", k: int | None = None, cv:
             folds = None if cv is None else _inner_folds(ytr, g[train], cv, task, seed)
             est = _estimator(method, task, 0 if classes is None else classes.size, folds, seed, alphas)
             est.fit(xtr, ytr)
-            coef, reg = _coef_and_reg(est, method)
+            coef, reg = _coef_and_reg(est)
     pred = est.predict(xte if dims is None else xte[:, dims])
     coef = coef.reshape(-1) if coef.ndim == 2 and coef.shape[0] == 1 else coef
     support = np.flatnonzero(np.atleast_2d(coef).any(0)) if method != "ksparse" else dims

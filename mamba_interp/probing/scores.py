@@ -41,6 +41,11 @@ def split_indices(n: int, groups: np.ndarray | None = None, test_size: float = 0
     return np.sort(train), np.sort(test)
 
 
+def splits_both_ways(y: np.ndarray, split: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Both sides of ``split`` hold at least two distinct labels (a probe can be fitted and scored)."""
+    return all(np.unique(y[side]).size > 1 for side in split)
+
+
 def _inner_folds(y: np.ndarray, groups: np.ndarray, cv: int, task: str, seed: int) -> list[tuple]:
     """Cross-validation folds on the training part, whole groups per fold (stratified for classification)."""
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold

@@ -34,7 +34,7 @@ import torch
 
 from mamba_interp.pipeline.activation_stats import ActivationSet, collect_activations
 from mamba_interp.probing.probes import DEFAULT_KS, TASK_METHODS, fit_probe, selectivity, sparsity_curve
-from mamba_interp.probing.scores import CLASSIFICATION, REGRESSION, split_indices
+from mamba_interp.probing.scores import CLASSIFICATION, REGRESSION, split_indices, splits_both_ways
 from mamba_interp.probing.variables import VariableData, prepare_variables
 from mamba_interp.stats import Estimate
 
@@ -72,6 +72,8 @@ class ProbeRecord:
     coef: np.ndarray | None = field(default=None, repr=False)
     control_score_reselected: float | None = None
     """k-sparse only: the control probe that picks its own k dimensions for the control labels."""
+    control_constant: bool = False
+    """Every type drew the same control label: the control is a constant, scored at chance."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"variable": self.variable, "layer": self.layer, "hook": self.hook, "method": self.method,
@@ -80,14 +82,15 @@ class ProbeRecord:
                 "selectivity": None if self.selectivity is None else self.selectivity.value,
                 "selectivity_ci": None if self.selectivity is None else list(self.selectivity.ci),
                 "control_score": self.control_score, "control_score_reselected": self.control_score_reselected,
-                "reg": dict(self.reg)}
+                "control_constant": self.control_constant, "reg": dict(self.reg)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], coef: np.ndarray | None = None) -> ProbeRecord:
         sel = None if d["selectivity"] is None else Estimate(d["selectivity"], *d["selectivity_ci"], d["n_sequences"])
         return cls(d["variable"], int(d["layer"]), d["hook"], d["method"], d["task"],
                    Estimate(d["score"], *d["score_ci"], d["n_sequences"]), int(d["k"]), [int(i) for i in d["support"]],
-                   sel, d["control_score"], dict(d.get("reg", {})), coef, d.get("control_score_reselected"))
+                   sel, d["control_score"], dict(d.get("reg", {})), coef, d.get("control_score_reselected"),
+                   bool(d.get("control_constant", False)))
 
 
 def _cell(variable: str, layer: int, hook: str) -> str:
@@ -106,6 +109,8 @@ class ProbeReport:
     variables: dict[str, dict[str, Any]] = field(default_factory=dict)
     methods: tuple[str, ...] = DEFAULT_METHODS
     k: int = 8
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Variables that could not be probed, with the reason."""
 
     def for_variable(self, variable: str) -> list[ProbeRecord]:
         return [r for r in self.records if r.variable == variable]
@@ -127,7 +132,8 @@ class ProbeReport:
                 out[v] = {"layer": r.layer, "hook": r.hook, "method": r.method, "score": r.score.value,
                           "score_ci": list(r.score.ci), "k": r.k, "support": list(r.support),
                           "selectivity": None if r.selectivity is None else r.selectivity.value,
-                          "selectivity_ci": None if r.selectivity is None else list(r.selectivity.ci)}
+                          "selectivity_ci": None if r.selectivity is None else list(r.selectivity.ci),
+                          "control_constant": r.control_constant}
         return out
 
     def support_overlap(self, variable: str, layer: int, hook: str) -> dict[str, float]:
@@ -152,7 +158,7 @@ class ProbeReport:
             "methods": list(self.methods), "k": self.k, "variables": self.variables,
             "records": [r.to_dict() for r in self.records],
             "curves": {_cell(*key): {str(k): _est(e) for k, e in c.items()} for key, c in self.curves.items()},
-            "head_scores": {_cell(*key): v for key, v in self.head_scores.items()},
+            "head_scores": {_cell(*key): v for key, v in self.head_scores.items()}, "skipped": self.skipped,
         }
 
     @classmethod
@@ -168,7 +174,7 @@ class ProbeReport:
             records=[ProbeRecord.from_dict(r, coefs.get(i)) for i, r in enumerate(d["records"])],
             curves={key(s): {int(k): _unest(e) for k, e in c.items()} for s, c in d["curves"].items()},
             head_scores={key(s): list(v) for s, v in d["head_scores"].items()},
-            variables=d["variables"], methods=tuple(d["methods"]), k=int(d["k"]),
+            variables=d["variables"], methods=tuple(d["methods"]), k=int(d["k"]), skipped=dict(d.get("skipped", {})),
         )
 
 
@@ -200,16 +206,18 @@ def _fit_cell(var: VariableData, layer: int, hook: str, x: np.ndarray, methods: 
     (``control_score_reselected``). Other methods' controls use the same method on every dimension."""
     records = []
     has_control = control and np.unique(var.control).size > 1
+    # a control that varies but is constant on one side of the split cannot be scored: no selectivity then
+    usable_control = has_control and splits_both_ways(var.control, split)
     for method in methods:
         if method not in TASK_METHODS[var.task]:
             continue
         kw = dict(cv=ridge_cv if method == "ridge" else cv, groups=var.groups, seed=seed, task=var.task, split=split)
         probe = fit_probe(x, var.y, method, k=k, **kw)
         ctrl, reselected = None, None
-        if has_control and method == "ksparse":
+        if usable_control and method == "ksparse":
             ctrl = fit_probe(x[:, probe.support], var.control, "ksparse", k=probe.k, **kw)
             reselected = fit_probe(x, var.control, "ksparse", k=k, **kw).score
-        elif has_control:
+        elif usable_control:
             ctrl = fit_probe(x, var.control, method, k=k, **kw)
         score = probe.score_estimate(n_resamples, seed)
         rec = ProbeRecord(var.name, layer, hook, method, var.task, score, int(probe.k),
@@ -217,9 +225,9 @@ def _fit_cell(var: VariableData, layer: int, hook: str, x: np.ndarray, methods: 
                           control_score_reselected=reselected)
         if ctrl is not None:
             rec.selectivity, rec.control_score = selectivity(probe, ctrl, n_resamples, seed), ctrl.score
-        elif control:  # every type drew the same control label: the control is a constant, at chance
+        elif control and not has_control:  # every type drew the same control label: a constant, at chance
             chance = 0.5 if var.task == CLASSIFICATION else 0.0
-            rec.control_score = chance
+            rec.control_score, rec.control_constant = chance, True
             rec.control_score_reselected = chance if method == "ksparse" else None
             rec.selectivity = Estimate(score.value - chance, score.ci_low - chance, score.ci_high - chance, score.n)
         records.append(rec)
@@ -231,8 +239,7 @@ def probe_model(model: Any, batch: Any, layers: Sequence[int], hooks: Sequence[s
                 methods: Sequence[str] = DEFAULT_METHODS, ks: Sequence[int] = DEFAULT_KS, k: int = 8,
                 cv: int | None = 3, ridge_cv: int | None = None, seed: int = 0, max_tokens: int = 2000,
                 max_classes: int = 16, min_count: int = 5, control: bool = True, curves: str = "best",
-                acts: ActivationSet | None = None,
-                batch_size: int = 64, n_resamples: int = 1000,
+                acts: ActivationSet | None = None, batch_size: int = 64, n_resamples: int = 1000,
                 progress: Callable[[Iterable], Iterable] | None = None) -> ProbeReport:
     """Fit ``methods`` (those that apply to each variable's task) with their control-task twins for every
     variable × layer × hook of ``model`` on ``batch``, and the sparsity curve (module docstring).
@@ -252,7 +259,7 @@ def probe_model(model: Any, batch: Any, layers: Sequence[int], hooks: Sequence[s
         raise ValueError(f"curves={curves!r} must be 'best' or 'all'")
     if acts is None or any((h, i) not in acts.acts for h in hooks for i in layers):
         acts = collect_activations(model, batch.tokens, layers, hooks, batch_size, attention_mask=batch.attention_mask)
-    data = variables if isinstance(variables, dict) else prepare_variables(
+    data = dict(variables) if isinstance(variables, dict) else prepare_variables(
         batch, acts.mask, variables, max_tokens, max_classes, min_count, seed)
     report = ProbeReport([], methods=tuple(methods), k=k, variables={n: v.summary() for n, v in data.items()})
 
@@ -264,6 +271,10 @@ def probe_model(model: Any, batch: Any, layers: Sequence[int], hooks: Sequence[s
         report.curves[(var.name, layer, hook)] = {kq: p.score_estimate(n_resamples, seed) for kq, p in probes.items()}
 
     splits = {name: split_indices(len(v.y), v.groups, 0.25, seed) for name, v in data.items()}
+    for name in list(data):
+        if not splits_both_ways(data[name].y, splits[name]):
+            report.skipped[name] = "one side of the held-out split has a single label; add sequences"
+            del data[name], report.variables[name]
     work = [(v, i, h) for v in data.values() for i in layers for h in hooks]
     for var, layer, hook in (progress(work) if progress is not None else work):
         x = features(var, layer, hook)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mamba_interp.probing.probes import Probe, fit_probe
-from mamba_interp.probing.scores import split_indices
+from mamba_interp.probing.scores import split_indices, splits_both_ways
 from mamba_interp.probing.search import UNIT_ALPHA, _est, _unest, unit_scores
 from mamba_interp.probing.variables import VariableData
 from mamba_interp.stats import Estimate
@@ -106,13 +106,15 @@ def probe_states(model: Any, batch: Any, layers: Sequence[int], variables: dict[
         for i, var in enumerate(variables.values()):
             x = flat[[where[int(r)] for r in var.rows]]
             half_a, half_b = split_indices(len(var.y), var.groups, 0.5, seed + 1)
-            ok_a = np.unique(var.y[half_a]).size > 1 and np.unique(var.groups[half_a]).size > 1
-            ok_b = np.unique(var.y[half_b]).size > 1 and np.unique(var.groups[half_b]).size > 1
-            if not (ok_a and ok_b):
+            usable = True
+            for half in (half_a, half_b):  # each half is split again into train and test
+                g = var.groups[half]
+                usable &= np.unique(g).size > 1 and splits_both_ways(var.y[half], split_indices(len(g), g, 0.25, seed))
+            if not usable:
                 continue
             imp = unit_scores(x[half_a], var.y[half_a], units, var.groups[half_a], seed)
             m = min(top, n_units)
-            best = np.sort(np.lexsort((np.arange(n_units), -imp))[:m])
+            ranked = np.lexsort((np.arange(n_units), -imp))[:m]  # by importance, ties by index
             xb, yb, gb = x[half_b], var.y[half_b], var.groups[half_b]
 
             def score(chosen: np.ndarray) -> Probe:
@@ -122,9 +124,9 @@ def probe_states(model: Any, batch: Any, layers: Sequence[int], variables: dict[
 
             rng = np.random.default_rng([seed, layer, i])
             randoms = [score(np.sort(rng.choice(n_units, m, replace=False))).score for _ in range(n_random)]
-            out[var.name][layer] = StateProbe(var.name, layer, unit, imp.tolist(),
-                                              np.lexsort((np.arange(n_units), -imp))[:m].tolist(),
-                                              score(best).score_estimate(seed=seed), randoms, int(var.rows.size))
+            out[var.name][layer] = StateProbe(var.name, layer, unit, imp.tolist(), ranked.tolist(),
+                                              score(np.sort(ranked)).score_estimate(seed=seed), randoms,
+                                              int(var.rows.size))
         del states, flat
     return out
 

@@ -9,6 +9,7 @@ control task's type) and its control label.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +79,7 @@ def prepare_variables(batch: Any, mask: torch.Tensor | None = None, names: Seque
     coords = mask.nonzero()  # (N, 2): sequence, position
     tokens = batch.tokens[mask].numpy()
     out: dict[str, VariableData] = {}
-    for i, name in enumerate(wanted):
+    for name in wanted:
         labels, task = variable_labels(tv, name, mask, max_classes, min_count)
         defined = np.flatnonzero(np.isfinite(labels.numpy()))
         y = labels.numpy()[defined]
@@ -93,10 +94,10 @@ def prepare_variables(batch: Any, mask: torch.Tensor | None = None, names: Seque
                 continue
         if np.unique(coords[defined, 0].numpy()).size < 2:
             continue
-        rng = np.random.default_rng([seed, i])
-        pick = _subsample(y, task, max_tokens, rng)
+        key = zlib.crc32(name.encode())  # a variable's tokens do not depend on which others are probed
+        pick = _subsample(y, task, max_tokens, np.random.default_rng([seed, key]))
         rows = defined[pick]
-        ctrl = control_labels(y, tokens[defined], seed + i)[pick]
+        ctrl = control_labels(y, tokens[defined], (seed + key) % 2**32)[pick]
         positions = torch.zeros(mask.shape, dtype=torch.bool)
         positions[coords[defined, 0], coords[defined, 1]] = True
         out[name] = VariableData(name, task, rows, y[pick], coords[rows, 0].numpy(), tokens[rows], ctrl, positions,

@@ -42,7 +42,8 @@ def test_step4_probes_every_variable_at_every_site(probes_out):
     assert set(m["best"]) == {"token", "prev_token", "position", "answer", "after_trigger", "stored_value"}
     width = {"resid_post": 32, "x": 64, "y": 64}
     for v, b in m["best"].items():
-        assert b["hook"] in width and all(0 <= i < width[b["hook"]] for i in b["support"]) and b["k"] == len(b["support"])
+        assert b["hook"] in width and all(0 <= i < width[b["hook"]] for i in b["support"])
+        assert b["k"] == len(b["support"])
         assert b["score_ci"][0] <= b["score"] <= b["score_ci"][1]
         assert set(m["probes"][v]) == {f"L{i}.{h}" for i in (0, 1) for h in width}
     # the trained model reads token identity and "right after the trigger" off layer 0, the answer off layer 1

@@ -88,7 +88,8 @@ def test_amnesic_test_fits_leace_and_a_permuted_control_of_the_same_rank(tiny):
     x = cache["blocks.1.hook_resid_post"].reshape(-1, 16)
     y = batch.tokens.reshape(-1).numpy()  # the current token: K classes, a rank K - 1 eraser
     test = amnesic_test(model, x, y, 1, "resid_post", batch, None, variable="token", batch_size=6)
-    assert test.rank == np.unique(y).size - 1 and test.variable == "token" and test.erased.hook_name == "blocks.1.hook_resid_post"
+    assert test.rank == np.unique(y).size - 1 and test.variable == "token"
+    assert test.erased.hook_name == "blocks.1.hook_resid_post"
     assert 0 < test.relative_change <= 1.0 + 1e-6 and 0 < test.control_relative_change < test.relative_change
     assert test.erased.clean_accuracy == test.control.clean_accuracy
     d = test.to_dict()

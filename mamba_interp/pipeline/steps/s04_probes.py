@@ -188,6 +188,11 @@ def run(ctx: StepContext) -> StepResult:
             own = {n: v for n, v in own.items() if n in opts.variables}
         if own:
             sets[name] = (other, None, own)
+    found = {n for _, _, d in sets.values() for n in d}
+    absent = [v for v in (opts.variables or ()) if ":" in v and v not in found]
+    if absent:
+        raise ValueError(f"probes variable {absent[0]!r} is not defined on the prompt sets; they have "
+                         f"{', '.join(sorted(n for n in found if ':' in n)) or 'none'}")
     if not any(d for _, _, d in sets.values()):
         raise StepSkipped("no ground-truth variable varies on the datasets (nothing to probe)")
     report = None
@@ -201,6 +206,7 @@ def run(ctx: StepContext) -> StepResult:
             report.curves.update(part.curves)
             report.head_scores.update(part.head_scores)
             report.variables.update(part.variables)
+            report.skipped.update(part.skipped)
 
     stored = [n for n in opts.state_variables if n in data] or [n for n in STATE_FALLBACK if n in data]
     state_vars = prepare_variables(batch, acts.mask, stored, max_tokens=opts.state_max_tokens,
@@ -235,7 +241,7 @@ def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any,
         clean = run_model(ctx.model, ev, ctx.batch_size)
         for var_name, var in ctx.progress(list(d.items()), desc="amnesic tests"):
             short = var_name.split(":")[-1]
-            if short not in ev_vars:
+            if short not in ev_vars or not report.for_variable(var_name):
                 continue
             best = report.best(var_name)
             acts = a if a is not None else _collect(ctx, b, best.layer, best.hook)
@@ -287,7 +293,7 @@ def _metrics(report: Any, data: dict, amnesic: dict, hooks: tuple, ctx: StepCont
                            "random_max": float(np.max(sp.random_scores))} for i, sp in by_layer.items()}
               for v, by_layer in data["state_details"].items() if by_layer}
     return {"best": best, "variables": report.variables, "methods": list(report.methods), "k": report.k,
-            "hooks": list(hooks), "layers": list(ctx.layers), "state_probes": states,
+            "hooks": list(hooks), "layers": list(ctx.layers), "skipped": report.skipped, "state_probes": states,
             "amnesic": {v: {"layer": a["layer"], "hook": a["hook"], "rank": a["rank"],
                             "relative_change": a["relative_change"],
                             "control_relative_change": a["control_relative_change"], "eval": a["eval"],
@@ -296,7 +302,8 @@ def _metrics(report: Any, data: dict, amnesic: dict, hooks: tuple, ctx: StepCont
                             "control_accuracy": a["control"]["erased_accuracy"],
                             "example_accuracy_change": a["erased"]["example_accuracy_change"],
                             "control_example_accuracy_change": a["control"]["example_accuracy_change"],
-                            "loss_change": a["erased"]["loss_change"], "control_loss_change": a["control"]["loss_change"]}
+                            "loss_change": a["erased"]["loss_change"],
+                            "control_loss_change": a["control"]["loss_change"]}
                         for v, a in amnesic.items()},
             "probes": cells}
 
@@ -308,12 +315,14 @@ def _ci(value: float, ci: list | tuple) -> str:
 def _reading(report: Any, data: dict, amnesic: dict, arch: str) -> str:
     best = data["best"]
     if not best:
-        return "No variable could be probed."
+        return "No variable could be probed: " + "; ".join(f"{v} ({why})" for v, why in report.skipped.items())
     parts = []
     for v, b in best.items():
         task = report.variables[v]["task"]
         metric = "balanced accuracy" if task == "classification" else "R²"
         sel = "" if b["selectivity"] is None else f", selectivity {_ci(b['selectivity'], b['selectivity_ci'])}"
+        if b.get("control_constant"):
+            sel += " (its control task is a constant: every token type there drew the same label)"
         text = (f"{v}: best probe {b['method']} (k={b['k']}) on layer {b['layer']} {b['hook']}, held-out {metric} "
                 f"{_ci(b['score'], b['score_ci'])}{sel}")
         rows = [r for r in report.for_variable(v) if r.selectivity is not None]
@@ -342,6 +351,8 @@ def _reading(report: Any, data: dict, amnesic: dict, arch: str) -> str:
             f"({', '.join(str(u) for u in sp.top)}) together score {_ci(sp.top_score.value, sp.top_score.ci)} on "
             f"held-out sequences, against {np.mean(sp.random_scores):.2f} (max {np.max(sp.random_scores):.2f}) for "
             f"{len(sp.random_scores)} random sets of {len(sp.top)} {unit}s.")
+    if report.skipped:
+        parts.append("Not probed: " + "; ".join(f"{v} ({why})" for v, why in report.skipped.items()) + ".")
     parts.append("Scores are balanced accuracy (chance 0.5; a categorical variable's classes scored one against the "
                  "rest and averaged) or R² (chance 0), on held-out sequences with 95% bootstrap CIs over sequences; "
                  "selectivity = score − score on a control task typed by the current token.")
