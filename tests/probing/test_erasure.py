@@ -14,7 +14,8 @@ from mamba_interp.tasks.base import IGNORE
 
 def test_leace_leaves_every_linear_probe_at_chance_and_changes_x_little():
     """A balanced binary concept shifts X [N, 32] along one direction; after erasure no probe beats 0.55 balanced
-    accuracy and X moves by about the concept's share of its variance (relative change measured here: ~0.26)."""
+    accuracy (measured: 0.40-0.41, below chance on held-out rows since the erasure is fitted on all of them), and X
+    moves by about the concept's share of its variance (relative change measured here: 0.31)."""
     rng = np.random.default_rng(0)
     n, d = 2000, 32
     z = rng.integers(0, 2, n)
