@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import read_result, run_pipeline
+from pipeline_helpers import load_step_data, read_result, run_pipeline
 from test_step_sae import trained_model  # noqa: F401  (the fixture: the session's tiny trained induction model)
 
-from mamba_interp.pipeline import RunConfig, Runner
 from mamba_interp.pipeline.config import UsageError
 from mamba_interp.pipeline.registry import get_step
 
@@ -86,15 +85,7 @@ def test_step16_reads_the_strongest_and_weakest_findings(probes_out):
 
 
 def test_step4_loader_rebuilds_the_data(trained_model, probes_out):
-    runner = Runner(RunConfig(model=str(trained_model), output=str(probes_out), samples=48, quiet=True,
-                              figures=False, steps="4", resume=True, step_options={"probes": FAST_PROBES},
-                              hooks=("resid_post", "x", "y")))
-    try:
-        runner.prepare()
-        step = get_step(4)
-        data = step.load(runner._context(step, runner.device, 8))
-    finally:
-        runner.close()
+    data = load_step_data(trained_model, probes_out, 4)
     m = read_result(probes_out, "step_04_probes")["metrics"]
     assert {v: (b["layer"], b["hook"], b["support"]) for v, b in data["best"].items()} == \
         {v: (b["layer"], b["hook"], b["support"]) for v, b in m["best"].items()}
