@@ -186,6 +186,12 @@ class HookedMamba(HookedRootModule):
         mask = attention_mask.to(input_ids.device)
         return input_ids, (None if bool(mask.all()) else mask)
 
+    def run_with_saes(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Logits with SAEs spliced in at hook points (``mamba_interp.sparse_autoencoder.splice.run_with_saes``)."""
+        from mamba_interp.sparse_autoencoder.splice import run_with_saes
+
+        return run_with_saes(self, *args, **kwargs)
+
     # ---- conveniences ------------------------------------------------------------------------
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -22,8 +22,8 @@ its activation scale folded into the weights, so a resumed run that loads it rep
 The helpers (activation split, splicing, target loss, latent tables) are in ``pipeline/sae_support.py``, the
 figures in ``pipeline/sae_figures.py``.
 
-Outputs: one folder per SAE, ``sae_L<layer>_<hook>/`` (``cfg.json`` + ``sae.safetensors``, SAELens layout,
-``save_sae``), ``latent_density.safetensors`` (firing frequency of every latent on the held-out tokens, by SAE),
+Outputs: one folder per SAE, ``sae_L<layer>_<hook>/`` (``cfg.json`` + ``sae_weights.safetensors``, which
+``sae_lens.SAE.load_from_disk`` reads; ``save_sae``), ``latent_density.safetensors`` (firing frequency of every latent on the held-out tokens, by SAE),
 ``correlations.json`` (best latent per variable class, per SAE), ``top_examples.json``; figures
 ``feature_density.png``, ``loss_recovered.png``, ``feature_variable_matches.png``, ``correlation_heatmap.png``,
 ``training_curves.png``, ``top_examples.png``.
@@ -70,6 +70,7 @@ from mamba_interp.sparse_autoencoder import (
     sae_metrics,
     save_sae,
 )
+from mamba_interp.sparse_autoencoder.io import WEIGHTS_FILENAME
 
 __all__ = [
     "DENSITY_FILE", "MATCH_THRESHOLD", "MIN_ABLATION_EFFECT", "SAE_HOOKS", "Options", "SAEActivations", "TrainedSAE",
@@ -252,7 +253,7 @@ def run(ctx: StepContext) -> StepResult:
     if ctx.config.figures:
         draw_figures(ctx, trained, per_sae, histories, best, correlations, base_of, features_eval, variables, top)
     # the SAE folders were written by save_sae: list their files
-    artifacts = [f"sae_{k}/{f}" for k in trained for f in ("cfg.json", "sae.safetensors")]
+    artifacts = [f"sae_{k}/{f}" for k in trained for f in ("cfg.json", WEIGHTS_FILENAME)]
     metrics: dict[str, Any] = {
         "split": data.split,
         "train_tokens": int(data.train.mask.sum()),
