@@ -66,7 +66,8 @@ def _logits_html(effect: dict | None) -> str:
     up, down = effect.get("promoted") or [], effect.get("suppressed") or []
     rows = []
     for i in range(max(len(up), len(down))):
-        a = f'<td class="dash-up">{e(repr(up[i][0])[1:-1])}</td><td>{up[i][1]:+.3g}</td>' if i < len(up) else "<td></td>" * 2
+        a = (f'<td class="dash-up">{e(repr(up[i][0])[1:-1])}</td><td>{up[i][1]:+.3g}</td>' if i < len(up)
+             else "<td></td>" * 2)
         b = (f'<td class="dash-down">{e(repr(down[i][0])[1:-1])}</td><td>{down[i][1]:+.3g}</td>' if i < len(down)
              else "<td></td>" * 2)
         rows.append(f"<tr>{a}{b}</tr>")

@@ -10,9 +10,9 @@ Per SAE at most ``n`` latents (``Options.dashboards``), in this order:
    backward pass over the first ``Options.dashboard_sequences`` held-out sequences. The log-odds
    z_target − logsumexp(z_other) is used rather than the cross-entropy because a well-trained model's loss is
    saturated (p ≈ 1, gradient ≈ 0) and its gradient ranks nothing (Heimersheim & Nanda 2024, "How to use and
-   interpret activation patching", prefer logit differences for the same reason). The top latent of each SAE is then ablated for real (``run_with_saes`` with
-   the error term) on the same sequences: its card shows the measured change of the target loss with a paired
-   bootstrap CI over sequences.
+   interpret activation patching", prefer logit differences for the same reason). The top latent of each SAE is
+   then ablated for real (``run_with_saes`` with the error term) on the same sequences: its card shows the
+   measured change of the target loss with a paired bootstrap CI over sequences.
 
 Each card (``mamba_interp.sparse_autoencoder.dashboard``) adds the top-activating held-out contexts, the activation
 histogram, the logit effect (direct path through the unembedding for residual-stream hooks, else measured by

@@ -88,7 +88,8 @@ def _splices(saes: Mapping[str, SparseAutoencoder | SAESplice], use_error_term: 
         elif isinstance(sae, SparseAutoencoder):
             out[name] = SAESplice(sae, use_error_term, edits.get(name))
         else:
-            raise TypeError(f"saes[{name!r}] is a {type(sae).__name__}; pass a SparseAutoencoder (e.g. load_sae(folder))")
+            raise TypeError(f"saes[{name!r}] is a {type(sae).__name__}; pass a SparseAutoencoder "
+                            "(e.g. load_sae(folder))")
     return out
 
 

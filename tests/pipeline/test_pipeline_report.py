@@ -21,7 +21,8 @@ PNG = base64.b64decode(
 
 
 CARD = {
-    "sae": "L0_x", "hook_name": "blocks.0.mixer.hook_x", "latent": 131, "reasons": ["best latent for token=12 (r = 1.00)"],
+    "sae": "L0_x", "hook_name": "blocks.0.mixer.hook_x", "latent": 131,
+    "reasons": ["best latent for token=12 (r = 1.00)"],
     "density": 0.08, "max_activation": 2.5, "mean_activation": 1.2, "attribution": -0.5,
     "histogram": {"edges": [0.0, 1.0, 2.0, 2.5], "counts": [3, 9, 4]},
     "contexts": [{"sequence": 4, "position": 9, "activation": 2.5, "tokens": ["3", "<12>", " Mary"],

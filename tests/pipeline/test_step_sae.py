@@ -139,8 +139,9 @@ def test_step3_dashboards_show_contexts_histograms_logit_effects_and_ablations(s
 
     model = HookedMamba.from_pretrained(trained_model)
     card = by_sae["L1_resid_post"][0]
-    w = load_sae(sae_out / "step_03_sae" / "sae_L1_resid_post").W_dec[card["latent"]]
-    logits = (w * model.norm_f.weight) @ model.lm_head.weight[: model.cfg.vocab_size].T
+    w = load_sae(sae_out / "step_03_sae" / "sae_L1_resid_post").W_dec[card["latent"]].detach()
+    with torch.no_grad():
+        logits = (w * model.norm_f.weight) @ model.lm_head.weight[: model.cfg.vocab_size].T
     assert card["logit_effect"]["promoted"][0] == [str(int(logits.argmax())), pytest.approx(float(logits.max()),
                                                                                             abs=1e-3)]
 

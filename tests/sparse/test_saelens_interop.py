@@ -11,7 +11,8 @@ import torch
 
 from mamba_interp.sparse_autoencoder import SAEConfig, load_sae, save_sae, train_sae
 
-sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (optional extra: pip install -e .[interop])")
+sae_lens = pytest.importorskip("sae_lens",
+                               reason="sae-lens is not installed (optional extra: pip install -e .[interop])")
 
 TOL = 1e-6
 ARCHS = {

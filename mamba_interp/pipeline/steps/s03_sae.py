@@ -28,10 +28,10 @@ The helpers (activation split, target loss, ablation baselines, latent tables) a
 the dashboards in ``pipeline/sae_dashboards.py``, the figures in ``pipeline/sae_figures.py``.
 
 Outputs: one folder per SAE, ``sae_L<layer>_<hook>/`` (``cfg.json`` + ``sae_weights.safetensors``, which
-``sae_lens.SAE.load_from_disk`` reads; ``save_sae``), ``latent_density.safetensors`` (firing frequency of every latent on the held-out tokens, by SAE),
-``correlations.json`` (best latent per variable class, per SAE), ``top_examples.json``, ``feature_dashboards.json``
-(the cards); figures ``feature_density.png``, ``loss_recovered.png``, ``feature_variable_matches.png``,
-``correlation_heatmap.png``, ``training_curves.png``.
+``sae_lens.SAE.load_from_disk`` reads; ``save_sae``), ``latent_density.safetensors`` (firing frequency of every
+latent on the held-out tokens, by SAE), ``correlations.json`` (best latent per variable class, per SAE),
+``top_examples.json``, ``feature_dashboards.json`` (the cards); figures ``feature_density.png``,
+``loss_recovered.png``, ``feature_variable_matches.png``, ``correlation_heatmap.png``, ``training_curves.png``.
 
 Data for later steps (``ctx.data(3)``): ``saes`` (key ``"L<layer>_<hook>"`` -> :class:`TrainedSAE`) and
 ``options``; the loader rebuilds both from the folders on ``--resume``. :func:`sae_activations` gives later
@@ -48,10 +48,10 @@ from typing import Any
 
 from torch import Tensor
 
+from mamba_interp.pipeline import sae_dashboards
 from mamba_interp.pipeline.activation_stats import hook_name
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import register_step
-from mamba_interp.pipeline import sae_dashboards
 from mamba_interp.pipeline.sae_figures import draw_figures
 from mamba_interp.pipeline.sae_support import (
     MIN_ABLATION_EFFECT,
