@@ -131,7 +131,7 @@ def _notices(index: list[dict], by_folder: dict[str, dict]) -> list[str]:
     """What a reader must notice, in step order: failed steps, a model at chance, the steps' own warnings."""
     out = []
     for entry in index:
-        res = by_folder.get(entry.get("folder", ""), {})
+        res = by_folder.get(str(entry.get("folder", "")), {})
         label = f'step {entry.get("step")} ({entry.get("name")})'
         if (entry.get("status") or res.get("status")) == "failed":
             out.append(f"{label} failed: {entry.get('reason') or (res.get('error') or {}).get('message', '')}")
@@ -147,6 +147,7 @@ def _notices(index: list[dict], by_folder: dict[str, dict]) -> list[str]:
 def _summary(index: list[dict], by_folder: dict[str, dict]) -> str:
     """The page's first section: notices, then one finding per completed step."""
     e = html.escape
+    index = [entry for entry in index if isinstance(entry, dict)]
     parts = ['<section id="summary"><h2>Summary</h2>']
     notices = _notices(index, by_folder)
     if notices:
@@ -154,7 +155,7 @@ def _summary(index: list[dict], by_folder: dict[str, dict]) -> str:
                      + "</ul></div>")
     findings = []
     for entry in index:
-        res = by_folder.get(entry.get("folder", ""), {})
+        res = by_folder.get(str(entry.get("folder", "")), {})
         if res.get("status") == "completed" and res.get("reading"):
             findings.append(f'<li><a href="#step-{entry.get("step")}">Step {entry.get("step")} '
                             f'{e(str(entry.get("name")))}</a>: {e(first_sentence(res["reading"]))}</li>')
@@ -299,7 +300,10 @@ def build_report(out_dir: str | Path) -> str:
         {"step": r.get("step"), "name": r.get("name"), "status": r.get("status"), "duration_s": r.get("duration_s"),
          "folder": f.name} for f, r in results
     ]
-    parts.append(_summary(index, by_folder))
+    try:
+        parts.append(_summary(index, by_folder))
+    except Exception as exc:  # a manifest or result with fields of the wrong kind: the sections still show
+        parts.append(f'<p class="reading">The summary could not be built ({e(type(exc).__name__)}: {e(str(exc))})</p>')
     parts.append("<section><h2>Steps</h2><table><tr><th>#</th><th>step</th><th>status</th><th>time</th>"
                  "<th>note</th></tr>")
     for entry in index:
