@@ -2,7 +2,7 @@
 
 For every (hook, layer) in the options (default: the residual stream ``resid_post`` and the SSM input ``x`` and
 output ``y`` at every analysed layer) one SAE (``mamba_interp.sparse_autoencoder.train_sae``; TopK by default,
-d_sae = ``expansion`` · d, sparse_coding.md §8) is trained on step 2's activations of the primary dataset
+d_sae = ``expansion`` · d) is trained on step 2's activations of the primary dataset
 (``ActivationSet.tokens``; Mamba-2's [b, l, h, p] hooks are flattened to h·p). Everything else is measured on
 held-out tokens: step 1's ``heldout`` sequences (fresh samples of the task), or the last ``eval_fraction`` of the
 sequences when there are none (or the task is finite, e.g. modular addition, whose held-out sample is the same
