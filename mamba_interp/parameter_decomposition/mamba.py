@@ -91,8 +91,12 @@ def repeated_token_sampler(vocab_size: int, seq_len: int) -> Callable[[int, torc
 def mamba_target(model: Any, sample: Callable[[int, torch.Generator], TaskBatch],
                  layers: Sequence[int] | None = None, matrices: Sequence[str] | None = None) -> Target:
     """The decomposition target: the chosen Linears of ``model``, KL over all positions as the output loss."""
-    return Target(model, mamba_modules(model, layers, matrices), sample, forward_tokens, kl_loss,
-                  token_mask=valid_tokens)
+    return modules_target(model, sample, mamba_modules(model, layers, matrices))
+
+
+def modules_target(model: Any, sample: Callable[[int, torch.Generator], TaskBatch], names: Sequence[str]) -> Target:
+    """The decomposition target of the named Linears (from :func:`mamba_modules`)."""
+    return Target(model, tuple(names), sample, forward_tokens, kl_loss, token_mask=valid_tokens)
 
 
 @contextlib.contextmanager
@@ -157,20 +161,14 @@ def masked_logits(dec: Decomposition, batch: TaskBatch, mode: str = "importance"
 
 
 def answer_scores(logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
-    """Per example: ``correct`` (every scored position right, [b] float) and ``loss`` (mean CE over scored
-    positions, [b])."""
+    """Per example [b]: ``correct`` (fraction of its scored positions predicted right; induction has one) and
+    ``loss`` (mean cross-entropy over them)."""
     targets = batch.targets.to(logits.device)
-    scored = batch.eval_mask.to(logits.device)
-    hit = (logits.argmax(-1) == targets) | ~scored
+    scored = batch.eval_mask.to(logits.device) & (targets != IGNORE)
+    hit = (logits.argmax(-1) == targets) & scored
     logp = F.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    has_target = (targets != IGNORE) & scored
-    ce = -(logp * has_target).sum(-1) / has_target.sum(-1).clamp(min=1)
-    return {"correct": hit.all(-1).float().cpu(), "loss": ce.cpu()}
-
-
-def chunked(fn: Callable[[TaskBatch], Any], batch: TaskBatch, batch_size: int) -> list[Any]:
-    """``fn`` on consecutive sub-batches of ``batch_size`` sequences."""
-    return [fn(batch.select(slice(s, s + batch_size))) for s in range(0, len(batch), batch_size)]
+    n = scored.sum(-1).clamp(min=1)
+    return {"correct": (hit.sum(-1) / n).float().cpu(), "loss": (-(logp * scored).sum(-1) / n).cpu()}
 
 
 def evaluate_modes(dec: Decomposition, batch: TaskBatch, batch_size: int,
@@ -178,8 +176,8 @@ def evaluate_modes(dec: Decomposition, batch: TaskBatch, batch_size: int,
     """Per mode: per-example ``correct`` and ``loss`` (see :func:`answer_scores`) and ``kl`` to the target (mean over
     the example's positions)."""
     out: dict[str, dict[str, list[Tensor]]] = {m: {"correct": [], "loss": [], "kl": []} for m in modes}
-
-    def run(sub: TaskBatch) -> None:
+    for start in range(0, len(batch), batch_size):
+        sub = batch.select(slice(start, start + batch_size))
         ref = masked_logits(dec, sub, "target")
         for mode in modes:
             logits = ref if mode == "target" else masked_logits(dec, sub, mode)
@@ -187,9 +185,22 @@ def evaluate_modes(dec: Decomposition, batch: TaskBatch, batch_size: int,
             out[mode]["correct"].append(s["correct"])
             out[mode]["loss"].append(s["loss"])
             out[mode]["kl"].append(per_example_kl(logits, ref, sub))
-
-    chunked(run, batch, batch_size)
     return {m: {k: torch.cat(v) for k, v in d.items()} for m, d in out.items()}
+
+
+def ablation_scores(dec: Decomposition, batch: TaskBatch, batch_size: int, ablate: Mapping[str, Tensor],
+                    positions: Tensor | None = None, mode: str = "ones") -> dict[str, Tensor]:
+    """Per example ``correct`` and ``loss`` with the subcomponents ``ablate`` masked to 0 (at ``positions``
+    [b, l], if given) and the rest at the ``mode``'s masks."""
+    parts: dict[str, list[Tensor]] = {"correct": [], "loss": []}
+    for start in range(0, len(batch), batch_size):
+        sl = slice(start, start + batch_size)
+        sub = batch.select(sl)
+        pos = None if positions is None else positions[sl]
+        s = answer_scores(masked_logits(dec, sub, mode, ablate=ablate, positions=pos), sub)
+        parts["correct"].append(s["correct"])
+        parts["loss"].append(s["loss"])
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def per_example_kl(logits: Tensor, target_logits: Tensor, batch: TaskBatch) -> Tensor:
