@@ -38,10 +38,12 @@ class FeatureMatch:
     best: list[int]  # c* per feature
     cosine: list[float]  # cos of c* per feature
     norm_ratio: list[float]  # ‖P_c*[:, j]‖ / ‖W[:, j]‖ per feature
+    ml2r_cosine_argmax: float  # ML2R as the reference analyser computes it (c* = argmax cosine), for comparison
 
     def to_dict(self) -> dict[str, Any]:
         return {"mmcs": self.mmcs, "mmcs_norm_aware": self.mmcs_norm_aware, "ml2r": self.ml2r, "best": self.best,
-                "cosine_per_feature": self.cosine, "norm_ratio_per_feature": self.norm_ratio}
+                "cosine_per_feature": self.cosine, "norm_ratio_per_feature": self.norm_ratio,
+                "ml2r_cosine_argmax": self.ml2r_cosine_argmax}
 
 
 def feature_match(P: Tensor, W: Tensor, eps: float = 1e-12) -> FeatureMatch:
@@ -56,8 +58,10 @@ def feature_match(P: Tensor, W: Tensor, eps: float = 1e-12) -> FeatureMatch:
     best = proj.argmax(0)  # (n,)
     idx = torch.arange(W.shape[1])
     ratio = cols[best, idx] / (Wn + eps)
+    by_cos = cos.argmax(0)
     return FeatureMatch(float(cos.max(0).values.mean()), float(cos[best, idx].mean()), float(ratio.mean()),
-                        best.tolist(), cos[best, idx].tolist(), ratio.tolist())
+                        best.tolist(), cos[best, idx].tolist(), ratio.tolist(),
+                        float((cols[by_cos, idx] / (Wn + eps)).mean()))
 
 
 def n_large(norms: Tensor, fraction: float = LARGE_FRACTION) -> int:

@@ -150,3 +150,18 @@ def test_training_scan_restores_the_choice():
     sample = task_sampler(get_task("induction", vocab_size=12, seq_len=10))
     a, b = sample(3, torch.Generator().manual_seed(0)), sample(3, torch.Generator().manual_seed(0))
     assert torch.equal(a.tokens, b.tokens)
+
+
+def test_short_spd_and_apd_runs_on_mamba2():
+    from mamba_interp.parameter_decomposition.mamba import decompose_mamba, evaluate_modes
+
+    model = tiny("mamba2")
+    task = get_task("induction", vocab_size=12, seq_len=8)
+    for method, kw in (("spd", {"C": 4, "faithfulness_warmup_steps": 2}), ("apd", {"C": 3, "topk": 1.0})):
+        dec = decompose_mamba(model, task_sampler(task), method, layers=[1], steps=2, batch_size=3,
+                              progress=False, **kw)
+        assert dec.target.modules == ("blocks.1.mixer.in_proj", "blocks.1.mixer.out_proj")
+        res = evaluate_modes(dec, task.sample(4, seed=1, split="test"), 2)
+        assert set(res) == {"target", "ones", "importance"}
+        assert float(res["target"]["kl"].abs().max()) < 1e-6
+        assert model.scan_impl == "auto"

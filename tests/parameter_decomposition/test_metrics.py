@@ -32,6 +32,12 @@ def test_feature_match_perfect_shrunk_and_dead_pitfall():
     W, _ = tms_5_2()
     fm = feature_match(planted_components(W), W)
     assert fm.mmcs == pytest.approx(1.0) and fm.ml2r == pytest.approx(1.0) and fm.best == list(range(5))
+    # the reference analyser's cosine argmax can pick a dead copy (norm 1e-5) and read ML2R ~0 for that feature
+    dead_wins = planted_components(W)
+    dead_wins[5:] = dead_wins[5:] + 1e-9 * torch.randn_like(dead_wins[5:])
+    dead_wins[0, 1, 0] += 1e-3  # the real component is now slightly off the feature's direction
+    fm2 = feature_match(dead_wins, W)
+    assert fm2.best[0] == 0 and fm2.ml2r == pytest.approx(1.0, abs=1e-3) and fm2.ml2r_cosine_argmax < 0.85
     assert feature_match(planted_components(W, 0.9), W).ml2r == pytest.approx(0.9)
     # a rotated (wrong) decomposition: lower MMCS
     rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])

@@ -12,7 +12,7 @@ from mamba_interp.pipeline.registry import default_steps, get_step
 FAST_SPD = {"steps": 4, "batch_size": 4, "n_eval": 8, "C": 4, "faithfulness_warmup_steps": 3, "train_len": 8,
             "top_k": 2}
 FAST_APD = {"steps": 3, "batch_size": 4, "n_eval": 8, "C": 3, "topk": 1.0, "train_len": 8}
-FAST_CLUSTERS = {"n_eval": 8, "n_random": 4, "n_top": 2}
+FAST_CLUSTERS = {"n_eval": 8, "n_random": 4, "n_top": 2, "max_clusters": 6}
 OPTIONS = {"spd": FAST_SPD, "apd": FAST_APD, "clusters": FAST_CLUSTERS}
 
 
@@ -72,3 +72,16 @@ def test_clusters_step_ablates_against_random_controls(spd_out):
     assert 0 <= t["p_value"] <= 1 and t["p_value_holm"] >= t["p_value"]
     assert (m["answer_cluster"] is None) == (m["answer_cluster_reason"] is not None)
     assert (spd_out / "step_19_clusters" / "clusters.json").is_file()
+
+
+def test_spd_on_a_language_model_without_task(lm_model_dir, tmp_path):
+    out = tmp_path / "lm"
+    _, summary = run_pipeline(lm_model_dir, out, steps="17", layers="2", samples=6,
+                              step_options={"spd": {**FAST_SPD, "matrices": ["in_proj", "out_proj"],
+                                                    "eval_multiples": [1, 2]}})
+    assert summary.exit_code == 0
+    res = read_result(out, "step_17_spd")
+    assert res["status"] == "completed", res.get("error")
+    m = res["metrics"]
+    assert m["modules"] == ["blocks.2.mixer.in_proj", "blocks.2.mixer.out_proj"]
+    assert set(m["by_length"]) == {"1x", "2x"} and "by_position_class" not in m
