@@ -37,8 +37,7 @@ from mamba_interp.parameter_decomposition.decomposition import (
     check_C,
     check_common,
     key,
-    lr_factor,
-    save_state,
+    optimise,
 )
 
 ATTRIBUTION_OUTPUTS = ("all", "top_logit")
@@ -255,27 +254,5 @@ def run_apd(target: Target, config: APDConfig | None = None,
     model = APDModel(target, cfg, gen)
     model.to(next(iter(target.weights().values())).device)
     opt = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=0.0)
-    steps: Iterable[int] = range(cfg.steps)
-    if progress is not None:
-        steps = progress(steps, total=cfg.steps)
-    elif cfg.progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, total=cfg.steps, desc="APD", leave=False, dynamic_ncols=True)
-    history: list[dict[str, float]] = []
-    for step in steps:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_schedule, cfg.lr_warmup, cfg.lr_final_frac)
-        batch = target.sample(cfg.batch_size, gen)
-        loss, terms = apd_losses(model, target, batch, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            history.append({"step": step, "loss": float(loss.detach()), **terms})
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_state(model, cfg.checkpoint_path, "apd", target, cfg, step + 1)
-    result = Decomposition("apd", model, target, cfg, history)
-    if cfg.checkpoint_path is not None:
-        result.save(cfg.checkpoint_path)
-    return result
+    return optimise(model, target, cfg, "apd", opt, lambda batch, g: apd_losses(model, target, batch, cfg), gen,
+                    progress)

@@ -57,29 +57,42 @@ class Components(Protocol):
 class LinearComponents(nn.Module):
     """C rank-one subcomponents U_c V_cᵀ of a matrix W [o, i] (SPD paper §2.1).
 
-    ``tied_to`` makes this the transpose of another matrix's subcomponents (TMS's W and Wᵀ): no parameters of its
-    own, U = source.V and V = source.U, so both matrices share storage and gradients.
+    ``tied_to`` makes this the transpose of another matrix's subcomponents (TMS's W and Wᵀ): U = source.V and
+    V = source.U, one storage. ``separate_steps`` (the SPD paper code's tying) gives the tied matrix its own
+    parameter tensors on the source's storage, so an optimiser steps once per matrix, each with its own gradient
+    and Adam statistics; otherwise it has no parameters and the two uses' gradients are summed into the source's.
     """
 
-    def __init__(self, d_in: int, d_out: int, C: int, tied_to: LinearComponents | None = None) -> None:
+    def __init__(self, d_in: int, d_out: int, C: int, tied_to: LinearComponents | None = None,
+                 separate_steps: bool = False) -> None:
         super().__init__()
         if C < 1:
             raise ValueError(f"C={C} must be >= 1")
         self.d_in, self.d_out, self.C = d_in, d_out, C
+        self.separate_steps = separate_steps and tied_to is not None
+        object.__setattr__(self, "_source", tied_to)  # not a submodule: its parameters belong to the source
         if tied_to is not None:
             if (tied_to.d_in, tied_to.d_out, tied_to.C) != (d_out, d_in, C):
                 raise ValueError(
                     f"tied subcomponents need the transposed shape: {d_out}x{d_in} with C={C}, got "
                     f"{tied_to.d_out}x{tied_to.d_in} with C={tied_to.C}"
                 )
-            object.__setattr__(self, "_source", tied_to)  # not a submodule: its parameters belong to the source
-            self._U = self._V = None
+            if self.separate_steps:
+                self._U = nn.Parameter(tied_to._V.data)  # aliases: the same storage as the source's V and U
+                self._V = nn.Parameter(tied_to._U.data)
+            else:
+                self._U = self._V = None
         else:
-            object.__setattr__(self, "_source", None)
             self._U = nn.Parameter(torch.empty(C, d_out))
             self._V = nn.Parameter(torch.empty(C, d_in))
             nn.init.normal_(self._U, std=1 / math.sqrt(C))
             nn.init.normal_(self._V, std=1 / math.sqrt(d_in))
+
+    def retie_(self) -> None:
+        """Point a separately stepped tied matrix at its source's storage again (``.to(device)`` copies)."""
+        if self.separate_steps:
+            self._U.data = self._source._V.data
+            self._V.data = self._source._U.data
 
     @property
     def tied(self) -> bool:
@@ -87,11 +100,11 @@ class LinearComponents(nn.Module):
 
     @property
     def U(self) -> Tensor:  # [C, o]
-        return self._source.V if self._source is not None else self._U
+        return self._source.V if self._source is not None and not self.separate_steps else self._U
 
     @property
     def V(self) -> Tensor:  # [C, i]
-        return self._source.U if self._source is not None else self._V
+        return self._source.U if self._source is not None and not self.separate_steps else self._V
 
     def weight(self) -> Tensor:
         """Σ_c U_c V_cᵀ, [o, i]."""

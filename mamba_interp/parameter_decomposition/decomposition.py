@@ -255,6 +255,39 @@ def decompose(target: Target, method: str, seed: int, config: dict[str, Any]) ->
     raise ValueError(f"method={method!r} is unknown; use 'spd' or 'apd'")
 
 
+def optimise(model: nn.Module, target: Target, cfg: Any, method: str, opt: torch.optim.Optimizer,
+             losses: Callable[[Batch, torch.Generator], tuple[Tensor, dict[str, float]]], gen: torch.Generator,
+             progress: Callable[..., Any] | None = None, history: list[dict[str, float]] | None = None,
+             clip: list[nn.Parameter] | None = None) -> Decomposition:
+    """The training loop SPD and APD share: LR schedule, a fresh batch per step, ``losses(batch, gen)``, Adam,
+    history every ``cfg.log_every`` steps, checkpoints every ``cfg.checkpoint_every`` steps and at the end."""
+    history = [] if history is None else history
+    steps: Any = range(cfg.steps)
+    if progress is not None:
+        steps = progress(steps, total=cfg.steps)
+    elif cfg.progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, total=cfg.steps, desc=method.upper(), leave=False, dynamic_ncols=True)
+    for step in steps:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_schedule, cfg.lr_warmup, cfg.lr_final_frac)
+        loss, terms = losses(target.sample(cfg.batch_size, gen), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, cfg.grad_clip)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            history.append({"step": step, "loss": float(loss.detach()), **terms})
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_state(model, cfg.checkpoint_path, method, target, cfg, step + 1)
+    result = Decomposition(method, model, target, cfg, history)
+    if cfg.checkpoint_path is not None:
+        result.save(cfg.checkpoint_path)
+    return result
+
+
 def save_state(model: nn.Module, path: str | Path, method: str, target: Target, config: Any, step: int) -> Path:
     from safetensors.torch import save_file
 

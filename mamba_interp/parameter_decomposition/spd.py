@@ -43,9 +43,8 @@ from mamba_interp.parameter_decomposition.decomposition import (
     check_C,
     check_common,
     key,
-    lr_factor,
     masked_mean,
-    save_state,
+    optimise,
 )
 
 ROUTINGS = ("layerwise", "subset")
@@ -78,6 +77,9 @@ class SPDConfig:
     n_mask_samples: int = 1
     faithfulness_warmup_steps: int = 0
     faithfulness_warmup_lr: float = 0.01
+    tied_steps: str = "separate"
+    """Tied matrices (TMS's Wᵀ): "separate" — their own parameter tensors on the shared storage, one Adam step
+    each (the SPD paper's code); "summed" — one parameter, the gradients of both uses summed."""
     grad_clip: float | None = None
     seed: int = 0
     log_every: int = 500
@@ -103,6 +105,8 @@ class SPDConfig:
             raise ValueError(f"pnorm={self.pnorm!r} must be > 0")
         if self.n_mask_samples < 1 or self.faithfulness_warmup_steps < 0:
             raise ValueError("n_mask_samples must be >= 1 and faithfulness_warmup_steps >= 0")
+        if self.tied_steps not in ("separate", "summed"):
+            raise ValueError(f"tied_steps={self.tied_steps!r} is unknown; use 'separate' or 'summed'")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be > 0 or None")
 
@@ -124,7 +128,8 @@ class ComponentModel(DecomposedModel):
         for name, source in target.tied.items():
             linear = resolve_linear(target.model, name)
             self.components[key(name)] = LinearComponents(linear.in_features, linear.out_features, C[name],
-                                                          tied_to=self.components[key(source)])
+                                                          tied_to=self.components[key(source)],
+                                                          separate_steps=config.tied_steps == "separate")
         for name in self.modules_:
             self.ci_fns[key(name)] = CIFunction(C[name], config.d_gate)
 
@@ -133,6 +138,12 @@ class ComponentModel(DecomposedModel):
         for name in self.modules_:
             self.comp(name).init_from(self.model.get_submodule(name).weight, generator)
             self.ci_fns[key(name)].reinit(generator)
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() copy parameters: re-alias the tied ones
+        out = super()._apply(fn, *args, **kwargs)
+        for comp in self.components.values():
+            comp.retie_()
+        return out
 
     def causal_importances(self, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(lower-leaky g, upper-leaky g) per module from the inputs a^l of the matrices, each [..., C]."""
@@ -252,28 +263,6 @@ def run_spd(target: Target, config: SPDConfig | None = None,
     if cfg.faithfulness_warmup_steps:
         history.append({"step": -1, "faithfulness": warm})
     opt = torch.optim.Adam(cm.trainable(), lr=cfg.lr)
-    steps: Iterable[int] = range(cfg.steps)
-    if progress is not None:
-        steps = progress(steps, total=cfg.steps)
-    elif cfg.progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, total=cfg.steps, desc="SPD", leave=False, dynamic_ncols=True)
-    for step in steps:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_schedule, cfg.lr_warmup, cfg.lr_final_frac)
-        batch = target.sample(cfg.batch_size, gen)
-        loss, terms = spd_losses(cm, target, batch, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(cm.components.parameters()), cfg.grad_clip)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            history.append({"step": step, "loss": float(loss.detach()), **terms})
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_state(cm, cfg.checkpoint_path, "spd", target, cfg, step + 1)
-    result = Decomposition("spd", cm, target, cfg, history)
-    if cfg.checkpoint_path is not None:
-        result.save(cfg.checkpoint_path)
-    return result
+    clip = list(cm.components.parameters()) if cfg.grad_clip is not None else None
+    return optimise(cm, target, cfg, "spd", opt, lambda batch, g: spd_losses(cm, target, batch, cfg, g), gen,
+                    progress, history, clip)

@@ -136,3 +136,17 @@ def test_routes_and_probes():
     assert s.probes["block.proj"].shape == full.shape and s.record["block.proj"] is x
     (g,) = torch.autograd.grad(full.pow(2).sum(), s.probes["block.proj"])
     torch.testing.assert_close(g, 2 * full.detach())
+
+
+def test_separately_stepped_tied_components_alias_the_source():
+    src = LinearComponents(d_in=5, d_out=2, C=4)
+    tied = LinearComponents(d_in=2, d_out=5, C=4, tied_to=src, separate_steps=True)
+    assert tied.U.data_ptr() == src.V.data_ptr() and tied.V.data_ptr() == src.U.data_ptr()
+    opt = torch.optim.Adam(list(src.parameters()) + list(tied.parameters()), lr=0.1)
+    x = torch.randn(3, 2)
+    tied.apply(x, None).pow(2).sum().backward()
+    assert src.U.grad is None and tied.U.grad is not None  # each matrix has its own gradient
+    before = src.weight().detach().clone()
+    opt.step()
+    torch.testing.assert_close(tied.weight(), src.weight().T)  # still tied after the step
+    assert not torch.allclose(before, src.weight())
