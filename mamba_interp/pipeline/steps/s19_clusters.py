@@ -8,8 +8,9 @@
    1, i.e. the cluster removed from the weights) at all positions; the change in accuracy and answer loss is paired
    over sequences (bootstrap CI).
 4. The ``n_top`` clusters with the largest accuracy drop are compared against ``n_random`` random clusters of the
-   same composition (as many alive subcomponents from each matrix): permutation p-value (Holm-corrected over the
-   tested clusters), and ablated again at each position class only (trigger, value, query/answer, ...).
+   same size drawn from the alive subcomponents (or, ``random_control="same_modules"``, as many from each matrix):
+   permutation p-value (Holm-corrected over the tested clusters), and ablated again at each position class only
+   (trigger, value, query/answer, ...), against one random cluster ablated at the same positions.
 5. The answer-carrying cluster: the largest drop, if it is at least ``answer_drop`` and beats every random control
    (p < 0.05 after correction) with the random clusters' mean drop at most ``random_max``; otherwise the reading says
    which condition fails.
@@ -40,6 +41,10 @@ class Options:
     n_random: int = 20
     answer_drop: float = 0.5
     random_max: float = 0.1
+    random_control: str = "alive"
+    """Random clusters of the same size drawn from all alive subcomponents ("alive"), or with the same number
+    from each matrix ("same_modules"; when a cluster holds most of a matrix's alive subcomponents, such controls
+    nearly repeat the cluster)."""
 
     def __post_init__(self) -> None:
         for name in ("n_eval", "max_clusters", "n_top", "n_random"):
@@ -50,6 +55,8 @@ class Options:
             raise ValueError(f"activation_threshold={self.activation_threshold!r} must be in (0, 1)")
         if self.alpha < 0:
             raise ValueError(f"alpha={self.alpha!r} must be >= 0")
+        if self.random_control not in ("alive", "same_modules"):
+            raise ValueError(f"random_control={self.random_control!r} is unknown; use 'alive' or 'same_modules'")
 
 
 def _ablate(ids: list[tuple[str, int]], members: list[int]) -> dict[str, torch.Tensor]:
@@ -82,7 +89,8 @@ def run(ctx: StepContext) -> StepResult:
     merged = merge_by_mdl(active, alpha=opts.alpha)
     groups = merged.groups
     strata_names = list(dict.fromkeys(n for n, _ in ids))
-    strata = [strata_names.index(n) for n, _ in ids]
+    strata = ([strata_names.index(n) for n, _ in ids] if opts.random_control == "same_modules"
+              else [0] * len(ids))
 
     base = ablation_scores(dec, batch, ctx.batch_size, {})
     evaluated = []
@@ -163,7 +171,7 @@ def _reading(m: dict[str, Any], opts: Options) -> str:
         parts.append(f"Cluster {i + 1} ({t['size']} subcomponents: {mods}; active on {t['frequency']:.1%} of "
                      f"tokens): ablating it drops accuracy by {d['value']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}] "
                      f"vs {t['random_accuracy_drop_mean']:.3f} on average (max {t['random_accuracy_drop_max']:.3f}) "
-                     f"for {opts.n_random} random clusters of the same composition (Holm p = "
+                     f"for {opts.n_random} random clusters of the same size (Holm p = "
                      f"{t['p_value_holm']:.3g}).")
     if m["answer_cluster"] is not None:
         t = m["top_clusters"][m["answer_cluster"]]
@@ -199,7 +207,7 @@ def _figures(ctx: StepContext, m: dict[str, Any]) -> None:
     x = np.arange(len(cls))
     ax.bar(x - 0.2, [t["by_position_class"][c]["accuracy_drop"]["value"] for c in cls], 0.4, label="cluster 1")
     ax.bar(x + 0.2, [t["by_position_class"][c]["random_accuracy_drop"]["value"] for c in cls], 0.4,
-           label="random, same composition")
+           label="random, same size")
     ax.set_xticks(x, cls, fontsize=7)
     ax.set(ylabel="accuracy drop", title="cluster 1 ablated at one position class")
     ax.legend(fontsize=7)
