@@ -3,7 +3,7 @@
     python bench/bench_decomposition.py                                  # our SPD and APD on TMS 5-2
     python bench/bench_decomposition.py --ref-python PY --ref-spd DIR --ref-apd DIR   # + the references
     python bench/bench_decomposition.py --toy tms-id                     # TMS 5-2 + identity (SPD)
-    python bench/bench_decomposition.py --toy resid-mlp --steps 3000      # residual MLP (SPD)
+    python bench/bench_decomposition.py --toy resid-mlp --steps 3000 --batch-size 2048   # residual MLP (SPD)
 
 The references run in their own interpreter (``--ref-python``, an environment where their code imports; they are
 never part of this project): ``--ref-spd`` is a checkout of goodfire-ai/spd at branch ``spd-paper`` (the SPD
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -185,19 +184,26 @@ def heldout(n: int = N_EVAL) -> torch.Tensor:
     return target.sample(n, torch.Generator().manual_seed(EVAL_SEED))
 
 
-def run_reference(code: str, python: str, checkout: str, args: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="ref_") as tmp:
-        out = Path(tmp)
-        torch.save(heldout(), out / "heldout.pt")
+class Reference:
+    """A reference run in its own process, started at once (it runs while ours do) and collected with
+    :meth:`result`."""
+
+    def __init__(self, code: str, python: str, checkout: str, args: dict) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="ref_")
+        self.out = Path(self.tmp.name)
+        torch.save(heldout(), self.out / "heldout.pt")
         env = {**os.environ, "PYTHONPATH": checkout, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-        payload = json.dumps({**args, "out": str(out), "heldout": str(out / "heldout.pt")})
-        start = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
-        proc = subprocess.run([python, "-c", code, payload], env=env, cwd=checkout, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"reference run failed:\n{proc.stderr[-3000:]}")
-        res = json.loads((out / "result.json").read_text())
-        res["ci_heldout"] = torch.load(out / "ci_heldout.pt")
-        res["process_user_s"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - start
+        payload = json.dumps({**args, "out": str(self.out), "heldout": str(self.out / "heldout.pt")})
+        self.proc = subprocess.Popen([python, "-c", code, payload], env=env, cwd=checkout, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> dict:
+        _, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"reference run failed:\n{err[-3000:]}")
+        res = json.loads((self.out / "result.json").read_text())
+        res["ci_heldout"] = torch.load(self.out / "ci_heldout.pt")
+        self.tmp.cleanup()
         return res
 
 
@@ -217,7 +223,7 @@ def ours_tms(method: str, args) -> dict:
     W, b = tms_5_2()
     kw = {"steps": args.steps, "batch_size": args.batch_size, "progress": False}
     if method == "apd":
-        kw = {"steps": args.apd_steps, "batch_size": args.batch_size, "rank": 3, "progress": False}
+        kw = {"steps": args.apd_steps, "batch_size": args.apd_batch_size, "rank": 3, "progress": False}
     start = time.process_time()
     dec = decompose_tms(W, b, method, seed=args.seed, **kw)
     cpu = time.process_time() - start
@@ -235,11 +241,16 @@ def ours_tms(method: str, args) -> dict:
                          "recon_mse_unmasked": m["recon_mse_unmasked"]})
 
 
-def reference_spd(args) -> dict:
+def start_reference_spd(args) -> Reference:
     W, b = tms_5_2()
-    res = run_reference(REF_SPD, args.ref_python, args.ref_spd,
-                        {"W": W.tolist(), "b": b.tolist(), "seed": args.seed, "C": 20, "imp": 3e-3, "lr": 1e-3,
-                         "steps": args.steps, "batch_size": args.batch_size})
+    return Reference(REF_SPD, args.ref_python, args.ref_spd,
+                     {"W": W.tolist(), "b": b.tolist(), "seed": args.seed, "C": 20, "imp": 3e-3, "lr": 1e-3,
+                      "steps": args.steps, "batch_size": args.batch_size})
+
+
+def reference_spd(ref: Reference) -> dict:
+    W, _ = tms_5_2()
+    res = ref.result()
     U = {n: torch.tensor(u) for n, u in res["U"].items()}
     V = {n: torch.tensor(v) for n, v in res["V"].items()}
     P1 = torch.einsum("co,ci->coi", U["linear1"], V["linear1"])
@@ -251,11 +262,16 @@ def reference_spd(args) -> dict:
                          "recon_mse_unmasked": res["recon_mse_unmasked"]})
 
 
-def reference_apd(args) -> dict:
+def start_reference_apd(args) -> Reference:
     W, b = tms_5_2()
-    res = run_reference(REF_APD, args.ref_python, args.ref_apd,
-                        {"W": W.tolist(), "b": b.tolist(), "seed": args.seed, "topk": 0.211, "m": 3,
-                         "schatten": 0.7, "lr": 0.03, "steps": args.apd_steps, "batch_size": args.batch_size})
+    return Reference(REF_APD, args.ref_python, args.ref_apd,
+                     {"W": W.tolist(), "b": b.tolist(), "seed": args.seed, "topk": 0.211, "m": 3, "schatten": 0.7,
+                      "lr": 0.03, "steps": args.apd_steps, "batch_size": args.apd_batch_size})
+
+
+def reference_apd(ref: Reference) -> dict:
+    W, _ = tms_5_2()
+    res = ref.result()
     P1 = torch.tensor(res["P_linear1"])
     norms = {"linear1": P1.flatten(1).norm(dim=1)}
     hot = {"linear1": torch.tensor(res["importance_one_hot"])}
@@ -273,7 +289,24 @@ for _name in ("linear1", "linear2"):
                          ("alive_0.1", "alive (importance > 0.1, 100k held-out)"), ("alive_0.5", "alive (> 0.5)"),
                          ("ci_l0_0.1", "CI-L0 (> 0.1) per sample")):
         ROWS.append((f"{_name}: {_label}", lambda r, n=_name, k=_key: str(r[n][k]) if n in r else "-"))
-ROWS += [("importance-masked recon MSE", lambda r: f"{r['recon_mse_importance_masked']:.2e}"),
+
+
+def final_loss(r: dict, *keys: str) -> str:
+    """The last logged value of a training loss, under our name or the reference's."""
+    for k in keys:
+        if k in r["final_losses"]:
+            return f"{r['final_losses'][k]:.2e}"
+    return "-"
+
+
+ROWS += [("final L_stochastic-recon (SPD) / top-k recon (APD)",
+          lambda r: final_loss(r, "stochastic_recon", "loss/stochastic_recon", "minimality", "topk_recon_loss")),
+         ("final L_layerwise (SPD)", lambda r: final_loss(r, "layerwise_recon", "loss/stochastic_recon_layerwise")),
+         ("final L_importance-minimality (SPD) / Schatten (APD)",
+          lambda r: final_loss(r, "importance_minimality", "loss/importance_minimality", "simplicity",
+                               "schatten_loss")),
+         ("final L_faithfulness", lambda r: final_loss(r, "faithfulness", "loss/faithfulness", "param_match_loss")),
+         ("importance-masked recon MSE", lambda r: f"{r['recon_mse_importance_masked']:.2e}"),
          ("unmasked recon MSE", lambda r: f"{r['recon_mse_unmasked']:.2e}")]
 
 
@@ -295,9 +328,10 @@ def table(results: dict[str, dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", choices=("tms", "tms-id", "resid-mlp"), default="tms")
-    ap.add_argument("--steps", type=int, default=8000, help="SPD steps (TMS: 8000 is the CPU smoke setting)")
+    ap.add_argument("--steps", type=int, default=10_000, help="SPD steps (the paper: 40k; 8-10k suffice on TMS)")
+    ap.add_argument("--batch-size", type=int, default=1024, help="SPD batch (the paper: 4096)")
     ap.add_argument("--apd-steps", type=int, default=20_000, help="APD steps (the paper: 20k)")
-    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--apd-batch-size", type=int, default=2048, help="APD batch (the paper: 2048)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="spd,apd", help="which of ours to run on TMS: spd, apd or both")
     ap.add_argument("--ref-python", help="interpreter of an environment where the reference code imports")
@@ -310,16 +344,18 @@ def main() -> None:
     results: dict[str, dict] = {}
     if args.toy == "tms":
         methods = args.methods.split(",")
+        ref_spd = start_reference_spd(args) if args.ref_python and args.ref_spd else None
+        ref_apd = start_reference_apd(args) if args.ref_python and args.ref_apd else None
         if "spd" in methods:
             results["SPD (ours)"] = ours_tms("spd", args)
-        if args.ref_python and args.ref_spd:
-            results["SPD (spd-paper)"] = reference_spd(args)
+        if ref_spd is not None:
+            results["SPD (spd-paper)"] = reference_spd(ref_spd)
         if "apd" in methods:
             results["APD (ours)"] = ours_tms("apd", args)
-        if args.ref_python and args.ref_apd:
-            results["APD (apd)"] = reference_apd(args)
+        if ref_apd is not None:
+            results["APD (apd)"] = reference_apd(ref_apd)
         print(f"TMS 5-2 (shipped pentagon), SPD {args.steps} x {args.batch_size}, APD {args.apd_steps} x "
-              f"{args.batch_size}; figures by mamba_interp.parameter_decomposition.metrics for every column")
+              f"{args.apd_batch_size}; figures by mamba_interp.parameter_decomposition.metrics for every column")
         print(table(results))
     elif args.toy == "tms-id":
         start = time.process_time()
