@@ -10,7 +10,8 @@ active) and ranks r_g (number of members), the description length of the activat
 
 and merging groups i and j changes it by
 
-    Δ = (s_Σ − s_i − s_j) log2((k−1)/k) + s_{i∪j} log2(k−1) − (s_i + s_j) log2 k + α (s_{i∪j}(r_i + r_j) − s_i r_i − s_j r_j).
+    Δ = (s_Σ − s_i − s_j) log2((k−1)/k) + s_{i∪j} log2(k−1) − (s_i + s_j) log2 k
+        + α (s_{i∪j}(r_i + r_j) − s_i r_i − s_j r_j).
 
 spd-main samples a pair among those whose Δ is in the lowest 5 % of the range (or by a Metropolis rule) and runs a
 fixed number of iterations; here the merge is **greedy and deterministic**: always the pair with the lowest Δ,

@@ -133,7 +133,7 @@ def load(ctx: StepContext) -> dict:
 
 
 @register_step(17, "spd", requires=(1,), title="Stochastic parameter decomposition (SPD) of the mixers' Linears",
-               options=Options, load=load, version=1, default=False)
+               options=Options, load=load, version=1, default=False, reads=("layers", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     names, task, batch, train_len = decomposition_inputs(ctx, opts)

@@ -71,7 +71,7 @@ class Options:
 
 
 @register_step(18, "apd", requires=(1,), title="Attribution-based parameter decomposition (APD) of one layer",
-               options=Options, version=1, default=False)
+               options=Options, version=1, default=False, reads=("layers", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     layer = opts.layer if opts.layer is not None else max(ctx.layers)

@@ -68,7 +68,7 @@ def _ablate(ids: list[tuple[str, int]], members: list[int]) -> dict[str, torch.T
 
 
 @register_step(19, "clusters", requires=(1, 17), title="Clusters of SPD subcomponents and cluster ablations",
-               options=Options, version=1, default=False)
+               options=Options, version=1, default=False, reads=("batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     seed = ctx.seed % 2**31
