@@ -48,11 +48,16 @@ def valid_tokens(batch: TaskBatch) -> Tensor | None:
     return None if batch.attention_mask is None else batch.attention_mask.bool()
 
 
-def kl_loss(logits: Tensor, target_logits: Tensor, batch: TaskBatch) -> Tensor:
-    """KL(target ‖ model) per position, summed over the vocabulary, averaged over the real positions."""
+def token_kl(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """[b, l]: KL(target ‖ model) at each position, summed over the vocabulary."""
     logp = F.log_softmax(logits.float(), -1)
     logq = F.log_softmax(target_logits.float(), -1)
-    kl = (logq.exp() * (logq - logp)).sum(-1)  # (b, l)
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+def kl_loss(logits: Tensor, target_logits: Tensor, batch: TaskBatch) -> Tensor:
+    """KL(target ‖ model) per position, summed over the vocabulary, averaged over the real positions."""
+    kl = token_kl(logits, target_logits)  # (b, l)
     valid = valid_tokens(batch)
     if valid is None:
         return kl.mean()
@@ -205,9 +210,7 @@ def ablation_scores(dec: Decomposition, batch: TaskBatch, batch_size: int, ablat
 
 def per_example_kl(logits: Tensor, target_logits: Tensor, batch: TaskBatch) -> Tensor:
     """[b]: KL(target ‖ model) averaged over each example's real positions."""
-    logp = F.log_softmax(logits.float(), -1)
-    logq = F.log_softmax(target_logits.float(), -1)
-    kl = (logq.exp() * (logq - logp)).sum(-1)  # (b, l)
+    kl = token_kl(logits, target_logits)  # (b, l)
     valid = valid_tokens(batch)
     if valid is None:
         return kl.mean(-1).cpu()
