@@ -97,6 +97,8 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
     probability of the correct token, whether every scored position is right, the mean cross-entropy over its
     targets (``example_loss``, NaN without one) and the fraction of its scored positions that are right
     (``example_accuracy``, NaN without one). Runs under any hooks attached with ``model.hooks(...)``."""
+    from mamba_interp.pipeline.logits import score_positions
+
     device = next(model.parameters()).device
     b = len(batch)
     correct_pos = total_pos = 0
@@ -110,16 +112,17 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         sl = slice(s, s + batch_size)
         ids = batch.tokens[sl].to(device)
         mask = None if batch.attention_mask is None else batch.attention_mask[sl].to(device)
-        logits = model(ids, attention_mask=mask).float()  # (b, l, v)
         targets = batch.targets[sl].to(device)
         emask = batch.eval_mask[sl].to(device)
         scored = targets != IGNORE
-        logp = torch.log_softmax(logits, -1)
-        tgt = targets.clamp(min=0)
-        lp = logp.gather(-1, tgt[..., None])[..., 0]  # (b, l)
+        # full-vocabulary logits only at the positions scored (pipeline/logits.py)
+        select = scored | emask
+        lp_sel, pred_sel = score_positions(model, ids, targets, select, attention_mask=mask)
+        lp = torch.zeros(targets.shape, device=device).masked_scatter_(select, lp_sel)  # (b, l)
+        pred = torch.full(targets.shape, -1, dtype=torch.long, device=device).masked_scatter_(select, pred_sel)
         loss_sum += float(-(lp * scored).sum())
         loss_n += int(scored.sum())
-        hit = (logits.argmax(-1) == targets) & emask
+        hit = (pred == targets) & emask
         correct_pos += int(hit.sum())
         total_pos += int(emask.sum())
         p = (lp.exp() * emask).sum(-1) / emask.sum(-1).clamp(min=1)

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_interp.pipeline.activation_stats import STATE_NORM, ActivationSet, collect_activations, hook_name
+from mamba_interp.pipeline.activation_stats import STATE_NORM, ActivationSet, hook_name
+from mamba_interp.pipeline.activation_store import collect_for_run
 from mamba_interp.pipeline.config import HOOK_CHOICES
 from mamba_interp.pipeline.context import StepContext
 from mamba_interp.sparse_autoencoder import (
+    ActivationChunks,
     SAEConfig,
     SparseAutoencoder,
     feature_variable_correlation,
@@ -68,11 +69,6 @@ class SAEActivations:
     """``"heldout"`` (step 1's fresh sequences) or ``"sequences"`` (the last part of the primary dataset)."""
 
 
-def _subset(acts: ActivationSet, rows: slice) -> ActivationSet:
-    return ActivationSet({k: v[rows] for k, v in acts.acts.items()}, dict(acts.shapes), acts.mask[rows],
-                         acts.layers, acts.hooks)
-
-
 def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int, ...],
                     eval_fraction: float) -> SAEActivations:
     """Step 2's activations of the primary dataset for training (collected afresh for hooks step 2 skipped),
@@ -82,43 +78,58 @@ def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int,
     batch, heldout = ds["batch"], ds.get("heldout")
     acts = ctx.data(2)["activations"]
 
-    def collect(b):
-        return collect_activations(ctx.model, b.tokens, layers, hooks, ctx.batch_size,
-                                   attention_mask=b.attention_mask,
-                                   progress=lambda it: ctx.progress(it, desc="collecting"))
+    def collect(b, folder):
+        return collect_for_run(ctx, b, layers, hooks, folder)
 
     if any((h, i) not in acts.acts for h in hooks for i in layers):
-        acts = collect(batch)
+        acts = collect(batch, "train_activations")
     # a finite task's "held-out" sample is its fixed test split again, i.e. the same sequences: split those instead
     if heldout is not None and not getattr(ds.get("task"), "finite", False):
-        return SAEActivations(acts, collect(heldout), heldout, "heldout")
+        return SAEActivations(acts, collect(heldout, "heldout_activations"), heldout, "heldout")
     b = acts.mask.shape[0]
     n_eval = min(b - 1, max(1, round(eval_fraction * b)))
     if b < 2:
         raise ValueError("step 3 needs at least 2 sequences to hold some out; raise --samples")
-    return SAEActivations(_subset(acts, slice(0, b - n_eval)), _subset(acts, slice(b - n_eval, b)),
+    return SAEActivations(acts.subset(slice(0, b - n_eval)), acts.subset(slice(b - n_eval, b)),
                           batch.select(slice(b - n_eval, b)), "sequences")
 
 
 # ---- loss recovered ----------------------------------------------------------------------------
 @torch.no_grad()
-def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None) -> float:
-    """Mean cross-entropy over the batch's target positions (targets != -100), with optional hooks."""
+def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None,
+                start: tuple[int, Tensor] | None = None) -> float:
+    """Mean cross-entropy over the batch's target positions (targets != -100), with optional hooks.
+
+    ``start=(layer, resid)`` runs from block ``layer`` on the cached residual stream entering it [b, l, d] of the
+    whole batch (``pipeline/logits.layer_input``), for passes whose hooks are all at that layer or later."""
+    from mamba_interp.pipeline.logits import score_positions
     from mamba_interp.tasks.base import IGNORE
 
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(0, len(batch), batch_size):
-        ids = batch.tokens[s:s + batch_size].to(device)
-        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size].to(device)
-        targets = batch.targets[s:s + batch_size].to(device)
-        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=fwd_hooks or [])
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                 ignore_index=IGNORE, reduction="sum").item()
-        count += int((targets != IGNORE).sum())
+        ids = batch.tokens[s:s + batch_size]
+        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size]
+        targets = batch.targets[s:s + batch_size]
+        part = None if start is None else (start[0], start[1][s:s + batch_size])
+        lp, _ = score_positions(model, ids, targets, targets != IGNORE, attention_mask=mask, fwd_hooks=fwd_hooks,
+                                start=part)
+        total -= float(lp.double().sum())
+        count += lp.shape[0]
     if count == 0:
         raise ValueError("the held-out batch has no target positions to score the loss on")
     return total / count
+
+
+def layer_inputs(model: Any, batch: Any, layer: int, batch_size: int) -> Tensor:
+    """The residual stream entering block ``layer`` [b, l, d] for the whole batch, on the CPU (what
+    ``target_loss(start=...)`` reuses across the passes that splice or ablate an activation of that layer)."""
+    from mamba_interp.pipeline.logits import layer_input
+
+    parts = []
+    for s in range(0, len(batch), batch_size):
+        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size]
+        parts.append(layer_input(model, batch.tokens[s:s + batch_size], mask, layer).cpu())
+    return torch.cat(parts)
 
 
 def splice_hooks(sae: SparseAutoencoder, mean: Tensor) -> dict[str, Any]:
@@ -139,16 +150,42 @@ def splice_hooks(sae: SparseAutoencoder, mean: Tensor) -> dict[str, Any]:
 
 
 # ---- training and the latent tables ---------------------------------------------------------------
-def train_folded(x: Tensor, cfg: SAEConfig) -> SparseAutoencoder:
+def train_folded(x: Tensor | ActivationChunks, cfg: SAEConfig, buffer_tokens: int | None = None,
+                 progress: Any = None) -> SparseAutoencoder:
     """Train, then fold the activation scale into the weights: every measurement, and later steps, use exactly the
-    weights ``save_sae`` writes (so a resumed run that loads them reproduces the same numbers)."""
+    weights ``save_sae`` writes (so a resumed run that loads them reproduces the same numbers). ``x`` may be
+    chunks streamed from the activation store (``buffer_tokens``: see ``train_sae``)."""
     from mamba_interp.sparse_autoencoder import train_sae
     from mamba_interp.sparse_autoencoder.io import folded_copy
 
-    trained = train_sae(x.to(cfg.device or "cpu"), cfg)
+    if isinstance(x, Tensor):
+        x = x.to(cfg.device or "cpu")
+    trained = train_sae(x, cfg, buffer_tokens=buffer_tokens, progress=progress)
     sae = folded_copy(trained)
     sae.training_history = trained.training_history
     return sae
+
+
+@dataclass
+class SAETrainUnit:
+    """One SAE to train (a unit of ``ctx.executor.map``): its training activations and recipe."""
+
+    key: str
+    hook: str
+    layer: int
+    acts: ActivationSet
+    """The training activations of this (hook, layer) only (``ActivationSet.only``; small to ship to a worker)."""
+    cfg: SAEConfig
+    buffer_tokens: int
+
+
+def train_unit(worker: Any, unit: SAETrainUnit) -> SparseAutoencoder:
+    """Train one unit's SAE (``train_folded`` on its token chunks), on whichever worker runs it."""
+    progress = None
+    if worker.progress is not None:
+        def progress(it):
+            return worker.progress(it, total=unit.cfg.steps, desc=f"training {unit.key}")
+    return train_folded(unit.acts.token_source(unit.hook, unit.layer), unit.cfg, unit.buffer_tokens, progress)
 
 
 def correlate_latents(f: Tensor, variables: dict[str, Tensor], n_shuffles: int, seed: int) -> list[dict]:
