@@ -111,6 +111,10 @@ def available_memory(device: Any = None) -> int | None:
 
 
 def disk_free(path: str | Path) -> int | None:
+    """Free disk space where ``path`` (or its nearest existing parent) lives, or ``MAMBA_INTERP_DISK_FREE_MB``."""
+    value = os.environ.get("MAMBA_INTERP_DISK_FREE_MB")
+    if value:
+        return int(float(value) * MiB)
     p = Path(path).expanduser().resolve()
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -415,7 +419,7 @@ class MemoryPlan:
                     out.append(f"step {s.number} ({s.name}) needs about {_fmt(s.peak_bytes)} at its peak "
                                f"({item}: {_fmt(s.parts.get(item, 0))}) but {_fmt(self.available_bytes)} of "
                                f"{'GPU ' if self.device.startswith('cuda') else ''}memory is available; "
-                               f"{_advice(s)}")
+                               f"{_advice(s, item)}")
         if self.disk_free_bytes is not None and self.disk_bytes > SAFETY * self.disk_free_bytes:
             out.append(f"the run needs about {_fmt(self.disk_bytes)} of disk (activations) but "
                        f"{_fmt(self.disk_free_bytes)} is free; lower --samples, --layer or --hooks (or pass "
@@ -449,12 +453,28 @@ class MemoryPlan:
                 "notes": self.notes}
 
 
-def _advice(s: StepEstimate) -> str:
-    if s.fix == "--batch-size":
-        return "lower --batch-size (the forward pass scales with it), or --seq-len"
-    if s.fix == "--samples":
-        return "lower --samples, or the sae option layers / hooks (--option sae.hooks=resid_post)"
-    return "lower --batch-size or --samples"
+FIXES = {
+    "forward pass": "lower --batch-size (the forward pass scales with it) or --seq-len",
+    "logits": "lower --batch-size",
+    "datasets": "lower --samples or --seq-len",
+    "activations": "use --activation-store disk (or auto), or lower --samples, --layer or --hooks",
+    "step 2 activations held": "use --activation-store disk (or auto), or lower --samples, --layer or --hooks",
+    "held-out activations": "use --activation-store disk (or auto), or lower --samples",
+    "one batch of activations": "lower --batch-size, --layer or --hooks",
+    "latents of the held-out tokens": "lower --samples, or the SAE layers / hooks / expansion "
+                                      "(--option sae.hooks=resid_post, --option sae.expansion=2)",
+    "loss passes": "lower --batch-size",
+    "training rows (shuffle buffer)": "lower --option sae.shuffle_buffer_mb",
+    "held-out rows": "lower --samples",
+    "SAE, Adam, batch": "lower --option sae.expansion or sae.batch_size",
+}
+"""The option that shrinks each item of a step's working set (named when a step does not fit)."""
+
+
+def _advice(s: StepEstimate, item: str) -> str:
+    if item in FIXES:
+        return FIXES[item]
+    return "lower --batch-size or --samples" if not s.fix else f"lower {s.fix}"
 
 
 def _fmt(nbytes: float) -> str:
@@ -522,6 +542,7 @@ def make_plan(config: Any, source: Any, layers: tuple[int, ...], planned: Sequen
 
 
 def plan_env_override() -> int | None:
-    """``MAMBA_INTERP_AVAILABLE_MB`` overrides the available memory (tests, and shared machines with a quota)."""
+    """``MAMBA_INTERP_AVAILABLE_MB`` overrides the available memory (tests, and shared machines with a quota;
+    ``MAMBA_INTERP_DISK_FREE_MB`` likewise the free disk)."""
     value = os.environ.get("MAMBA_INTERP_AVAILABLE_MB")
     return int(float(value) * MiB) if value else None
