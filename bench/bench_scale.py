@@ -90,18 +90,19 @@ def run_pipeline(arch: str, args: argparse.Namespace) -> dict:
     for rec in manifest.get("steps", []):
         est = plan.get(rec["step"], {})
         res["steps"].append({"step": rec["step"], "name": rec["name"], "status": rec["status"],
-                             "duration_s": rec.get("duration_s"), "peak_rss_mb": rec.get("peak_rss_mb"),
+                             "duration_s": rec.get("duration_s"), "cpu_s": rec.get("cpu_s"),
+                             "peak_rss_mb": rec.get("peak_rss_mb"),
                              "plan_peak_mb": est.get("peak_mb"), "plan_cpu_s": est.get("cpu_seconds")})
     return res
 
 
 def print_table(results: list[dict]) -> None:
-    print("| model | step | plan peak | measured peak RSS | plan CPU | wall |")
-    print("|---|---|---|---|---|---|")
+    print("| model | step | plan peak | measured peak RSS | plan CPU | measured CPU | wall |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         for s in r["steps"]:
             print(f"| {r['arch']}-130m config | {s['step']} {s['name']} ({s['status']}) | {s['plan_peak_mb']} MB | "
-                  f"{s['peak_rss_mb']} MB | {s['plan_cpu_s']} s | {s['duration_s']} s |")
+                  f"{s['peak_rss_mb']} MB | {s['plan_cpu_s']} s | {s['cpu_s']} s | {s['duration_s']} s |")
     print()
     print("| model | wall | user CPU | max RSS | load (1-min, before/after) | exit |")
     print("|---|---|---|---|---|---|")

@@ -76,7 +76,8 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--ray-address", dest="ray_address", help="join a running Ray cluster (with --executor ray)")
     p.add_argument("--corpus", help="a text file (one document per line) or .jsonl with a 'text' field: steps 2-4 "
                    "of a language model analyse its context windows of --seq-len tokens")
-    p.add_argument("--tokens", type=int, help="token budget read from --corpus (default: --samples windows)")
+    p.add_argument("--tokens", type=int, help="token budget read from --corpus: tokens // seq-len windows (default: "
+                   "--samples windows)")
     p.add_argument("--list-steps", action="store_true", help="list the implemented steps and exit")
     return p
 

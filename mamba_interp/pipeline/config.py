@@ -159,7 +159,7 @@ class RunConfig:
     field. Step 1 tokenises it into context windows of ``seq_len`` tokens, which steps 2–4 analyse instead of the
     synthetic prompt sets (``pipeline/corpus.py``)."""
     tokens: int | None = None
-    """Token budget read from ``corpus``; None: ``samples`` windows (and at most ``samples`` windows either way)."""
+    """Token budget read from ``corpus``: ``tokens // seq_len`` windows (instead of ``samples``)."""
     hooks: tuple[str, ...] = DEFAULT_HOOKS
     """Short hook names step 2 collects (see ``HOOK_CHOICES``)."""
     figures: bool = True

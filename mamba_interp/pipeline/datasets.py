@@ -53,9 +53,15 @@ def repeated_tokens(vocab_size: int, n: int, seq_len: int, seed: int, low: int =
     return repeated_block_batch(block, [], task="repeated_tokens")
 
 
-def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) -> Datasets:
-    """Task batches for a task model; else repeated random tokens plus (with a tokenizer) text prompt sets."""
+def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int, corpus: str | None = None,
+                   tokens: int | None = None) -> Datasets:
+    """Task batches for a task model; else repeated random tokens plus (with a tokenizer) text prompt sets; with a
+    ``corpus``, its context windows (``pipeline/corpus.py``: ``tokens // seq_len`` windows, else ``samples``) are
+    the primary dataset instead of the synthetic ones."""
     from mamba_interp.tasks import get_task
+
+    if corpus is not None:
+        return _corpus_datasets(source, corpus, samples, seq_len or DEFAULT_LM_LEN, tokens, seed)
 
     if source.task is not None:
         task = get_task(source.task, **source.task_params)
@@ -89,6 +95,23 @@ def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) ->
     if "text_induction" not in sets:
         raise ValueError(f"the tokenizer's ids exceed the model's vocabulary ({vocab}); use the model's own tokenizer")
     return Datasets("lm", "text_induction", sets, task=task, heldout=heldout, notes=notes)
+
+
+def _corpus_datasets(source: Any, corpus: str, samples: int, seq_len: int, tokens: int | None,
+                     seed: int) -> Datasets:
+    from mamba_interp.pipeline.corpus import corpus_batch
+
+    tok = source.tokenizer()
+    if tok is None:
+        raise ValueError(f"--corpus needs the model's tokenizer, which did not load ({source.tokenizer_error})")
+    windows = samples if tokens is None else max(1, tokens // seq_len)
+    batch, note = corpus_batch(corpus, tok, seq_len, windows)
+    vocab = source.model.cfg.vocab_size
+    if int(batch.tokens.max()) >= vocab:
+        raise ValueError(f"the tokenizer's ids exceed the model's vocabulary ({vocab}); use the model's own tokenizer")
+    lm = build_datasets(source, samples, seq_len, seed)  # the prompt sets, scored beside the corpus
+    sets = {"corpus": batch, **{n: b for n, b in lm.sets.items() if n in TEXT_SETS}}
+    return Datasets("lm", "corpus", sets, heldout=None, notes=[note, *lm.notes])
 
 
 @torch.no_grad()

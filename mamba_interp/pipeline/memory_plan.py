@@ -498,11 +498,9 @@ def sequence_count(config: Any, source: Any) -> tuple[int, int, int, bool]:
 
     params = getattr(source, "task_params", None) or {}
     seq_len = config.seq_len or params.get("seq_len") or DEFAULT_LM_LEN
-    corpus = getattr(config, "corpus", None)
-    if corpus:
-        tokens = getattr(config, "tokens", None)
-        sequences = config.samples if tokens is None else max(1, min(config.samples, tokens // seq_len))
-        return sequences, seq_len, 1, True
+    if config.corpus:
+        sequences = config.samples if config.tokens is None else max(1, config.tokens // seq_len)
+        return sequences, seq_len, 3, False
     datasets = 1 if source.task is not None else 3
     return config.samples, seq_len, datasets, True
 

@@ -48,10 +48,13 @@ class StepRecord:
     reason: str | None = None
     peak_rss_mb: float | None = None
     """Peak resident memory of the process while the step ran (Linux; ``memory_plan.peak_rss``)."""
+    cpu_s: float | None = None
+    """CPU time of the process (all threads) while the step ran: the cost independent of other load."""
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step.number, "name": self.step.name, "title": self.step.title, "status": self.status,
-                "duration_s": self.duration_s, "peak_rss_mb": self.peak_rss_mb, "resumed": self.resumed,
+                "duration_s": self.duration_s, "cpu_s": self.cpu_s, "peak_rss_mb": self.peak_rss_mb,
+                "resumed": self.resumed,
                 "reason": self.reason, "folder": self.step.folder_name}
 
 
@@ -110,7 +113,7 @@ class ResultStore:
 
     def write(self, step: Step, status: str, started: str, duration: float, result: StepResult | None,
               ctx: StepContext | None, fallbacks: list[dict], device: torch.device, error: dict | None = None,
-              reason: str | None = None, peak_rss_mb: float | None = None) -> None:
+              reason: str | None = None, peak_rss_mb: float | None = None, cpu_s: float | None = None) -> None:
         """Write the step's ``result.json`` atomically; ``device`` is the run's (used when there is no ``ctx``)."""
         artifacts: list[str] = []
         if result is not None:
@@ -121,6 +124,7 @@ class ResultStore:
             "title": step.title,
             "status": status,
             "duration_s": round(duration, 3),
+            "cpu_s": cpu_s,
             "peak_rss_mb": peak_rss_mb,
             "started_at": started,
             "finished_at": now(),

@@ -104,6 +104,7 @@ class Runner:
         self.records: dict[int, StepRecord] = {}
         self._log_handler: logging.Handler | None = None
         self._peak_reset = False
+        self._cpu0: float | None = None
         self._executor: Any = None
         self._lock: RunLock | None = None
         self._manifest_created = now()
@@ -162,6 +163,11 @@ class Runner:
             raise UsageError(
                 f"hook {bad_hooks[0]!r} does not exist in {model.cfg.arch}; choose from {', '.join(allowed)}"
             )
+        if cfg.corpus is not None and (self.source.task is not None or self.source.tokenizer() is None):
+            why = (f"model {self.source.name!r} is a {self.source.task} task model" if self.source.task is not None
+                   else f"model {self.source.name!r} has no tokenizer ({self.source.tokenizer_error})")
+            raise UsageError(f"--corpus needs a language model with a tokenizer, but {why}; drop --corpus or save "
+                             f"the tokenizer into the model folder")
         self.out_dir = Path(cfg.output).expanduser() if cfg.output else self._default_output()
         check_output_folder(self.out_dir)
         if cfg.threads is not None:
@@ -291,7 +297,8 @@ class Runner:
                       ctx: StepContext | None, fallbacks: list[dict], error: dict | None = None,
                       reason: str | None = None) -> None:
         self.store.write(step, status, started, duration, result, ctx, fallbacks, self.device, error=error,
-                         reason=reason, peak_rss_mb=self.records[step.number].peak_rss_mb)
+                         reason=reason, peak_rss_mb=self.records[step.number].peak_rss_mb,
+                         cpu_s=self.records[step.number].cpu_s)
 
     # ---- execution ---------------------------------------------------------------------------
     def run(self, steps: Iterable[int] | None = None) -> RunSummary:
@@ -412,6 +419,7 @@ class Runner:
         record.status, record.resumed, record.reason = "running", False, None
         self.write_manifest()
         started, t0 = now(), time.perf_counter()
+        self._cpu0 = time.process_time()
         self._peak_reset = reset_peak_rss()
         ctx: StepContext | None = None
         fallback = OOMFallback(self.device, self.config.batch_size)
@@ -465,6 +473,8 @@ class Runner:
         self._peak_reset = False
         record = self.records[step.number]
         record.peak_rss_mb = None if peak is None else round(peak / 2**20, 1)
+        record.cpu_s = round(time.process_time() - self._cpu0, 2) if self._cpu0 is not None else None
+        self._cpu0 = None
         try:
             self._write_result(step, status, started, duration, result, ctx, fallbacks, error=error,
                                reason=None if status == "failed" else reason)

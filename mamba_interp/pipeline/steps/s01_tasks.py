@@ -18,7 +18,8 @@ from mamba_interp.pipeline.registry import register_step
 
 
 def _datasets(ctx: StepContext):
-    return build_datasets(ctx.source, ctx.config.samples, ctx.config.seq_len, ctx.seed % (2**31))
+    return build_datasets(ctx.source, ctx.config.samples, ctx.config.seq_len, ctx.seed % (2**31),
+                          corpus=ctx.config.corpus, tokens=ctx.config.tokens)
 
 
 def load(ctx: StepContext) -> dict:
@@ -74,7 +75,7 @@ def _by_distance(batch, ev: dict) -> dict | None:
 
 
 @register_step(1, "tasks", requires=(0,), title="Datasets: task batches with ground truth, or prompt sets", load=load,
-               reads=("samples", "seq_len", "batch_size", "figures"))
+               reads=("samples", "seq_len", "batch_size", "figures", "corpus", "tokens"))
 def run(ctx: StepContext) -> StepResult:
     ds = _datasets(ctx)
     chance = getattr(ds.task, "chance", None) if ds.kind == "task" else None
@@ -111,6 +112,7 @@ def run(ctx: StepContext) -> StepResult:
         "card_accuracy": card_acc,
         "datasets": sets_metrics,
         "notes": ds.notes,
+        "data": f"corpus {ctx.config.corpus}" if ds.primary == "corpus" else f"synthetic ({ds.primary})",
     }
     if ds.heldout is not None:
         metrics["heldout_sequences"] = len(ds.heldout)
@@ -139,10 +141,16 @@ def run(ctx: StepContext) -> StepResult:
                         f"{worst[0]} tokens, {best[1]:.3f} at {best[0]}.")
     else:
         parts = [f"{n}: accuracy {m['accuracy']:.3f} on {m['sequences']} prompts" for n, m in sets_metrics.items()]
-        reading = (
-            f"Language-model prompt sets ({'; '.join(parts)}). On repeated random tokens, copying from the first "
-            f"copy is the only way to predict the second, so high accuracy there means working induction."
-        )
+        if ds.primary == "corpus":
+            c = sets_metrics["corpus"]
+            reading = (f"Later steps analyse natural text from the corpus: {c['sequences']} windows of "
+                       f"{c['seq_len']} tokens, next-token accuracy {c['accuracy']:.3f}, loss {c['loss']:.3f} "
+                       f"({'; '.join(parts[1:]) or 'no prompt sets'}).")
+        else:
+            reading = (
+                f"Language-model prompt sets ({'; '.join(parts)}). On repeated random tokens, copying from the "
+                f"first copy is the only way to predict the second, so high accuracy there means working induction."
+            )
         if ds.notes:
             reading += " " + " ".join(ds.notes) + "."
     return StepResult(metrics=metrics, reading=reading, data=ds.as_dict())
