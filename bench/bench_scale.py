@@ -118,7 +118,8 @@ def calibrate() -> None:
 import sys, json, torch
 torch.set_num_threads(1)
 from mamba_interp import HookedMamba, MambaConfig
-from mamba_interp.pipeline.memory_plan import forward_bytes, peak_rss, reset_peak_rss, current_rss
+from mamba_interp.pipeline.memory_plan import forward_bytes
+from mamba_interp.pipeline.resources import peak_rss, reset_peak_rss, current_rss
 arch, d, b, l, what = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 cfg = MambaConfig(arch=arch, d_model=d, n_layer=2, vocab_size=1000, d_state=16 if arch == "mamba1" else 128,
                   headdim=64)

@@ -197,7 +197,8 @@ def collect_for_run(ctx: Any, batch: Any, layers: Sequence[int], hooks: Sequence
     quarter of the free memory); in micro-batches when a hook materialises SSM states
     (``memory_plan.collection_batch``). Both stores hold the same values."""
     from mamba_interp.pipeline.activation_stats import collect_activations
-    from mamba_interp.pipeline.memory_plan import activation_bytes, available_memory, collection_batch, decide_store
+    from mamba_interp.pipeline.memory_plan import activation_bytes, collection_batch, decide_store
+    from mamba_interp.pipeline.resources import available_memory
 
     n, l = batch.tokens.shape
     kind = decide_store(ctx.config.activation_store, activation_bytes(ctx.model.cfg, hooks, layers, n, l),

@@ -21,15 +21,14 @@ step starts and records the step's peak as ``peak_rss_mb`` in its ``result.json`
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MiB, GiB = 2**20, 2**30
+from mamba_interp.pipeline.resources import MiB, available_memory, current_rss, disk_free, matmul_rate
+
+GiB = 2**30
 AUTO_MEMORY_LIMIT = 2 * GiB
 """``--activation-store auto`` holds activations in memory up to this size (and a quarter of the free memory)."""
 STATE_BATCH_BYTES = 1 * GiB
@@ -47,94 +46,6 @@ FORWARD_PER_TOKEN = {"mamba1": (2.0, 1.0), "mamba2": (2.0, 0.0)}
 """(per e, per e·n) elements held per token."""
 CHUNK_STATES = {"mamba1": 0.0, "mamba2": 5.3}
 STATE_PER_ELEMENT = {"mamba1": 3.4, "mamba2": 2.8}
-
-
-# ---- the machine -----------------------------------------------------------------------------------
-def _proc_status(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def current_rss() -> int | None:
-    """Resident memory of this process (Linux), bytes."""
-    return _proc_status("VmRSS")
-
-
-def peak_rss() -> int | None:
-    """Peak resident memory since the process started or :func:`reset_peak_rss` (Linux ``VmHWM``), bytes."""
-    return _proc_status("VmHWM")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter to the current RSS (Linux >= 4.0); False where that is impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def available_memory(device: Any = None) -> int | None:
-    """Memory a run may still use, bytes: free GPU memory on CUDA, else ``MemAvailable`` (capped by a cgroup
-    limit, or ``MAMBA_INTERP_AVAILABLE_MB``); None when unknown (then nothing is refused)."""
-    override = plan_env_override()
-    if override is not None:
-        return override
-    if device is not None and getattr(device, "type", str(device)) == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max" and avail is not None:
-            avail = min(avail, int(limit) - used + (current_rss() or 0))
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
-def disk_free(path: str | Path) -> int | None:
-    """Free disk space where ``path`` (or its nearest existing parent) lives, or ``MAMBA_INTERP_DISK_FREE_MB``."""
-    value = os.environ.get("MAMBA_INTERP_DISK_FREE_MB")
-    if value:
-        return int(float(value) * MiB)
-    p = Path(path).expanduser().resolve()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return shutil.disk_usage(p).free
-    except OSError:
-        return None
-
-
-def matmul_rate(seconds: float = 0.05) -> float:
-    """Multiply-add rate (FLOP/s) of this process's float32 matmul, measured for about ``seconds``."""
-    import torch
-
-    a, b = torch.randn(256, 512), torch.randn(512, 512)
-    a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * 256 * 512 * 512 * n / (time.perf_counter() - t0)
 
 
 # ---- sizes -------------------------------------------------------------------------------------------
@@ -519,7 +430,7 @@ def make_plan(config: Any, source: Any, layers: tuple[int, ...], planned: Sequen
     if getattr(device, "type", str(device)) == "cuda":
         baseline = sum(t.numel() * t.element_size() for t in source.model.parameters())
     inputs = PlanInputs(config, cfg, layers, options, sequences, seq_len, datasets, heldout, baseline, available,
-                        store, matmul_rate())
+                        store, matmul_rate(device))
     steps = []
     for n in planned:
         step = get_step(n)
@@ -537,10 +448,3 @@ def make_plan(config: Any, source: Any, layers: tuple[int, ...], planned: Sequen
                      f"forward pass of one batch)")
     return MemoryPlan(steps, baseline, available, disk_free(out_dir), store, nbytes, str(device), inputs.flops,
                       notes)
-
-
-def plan_env_override() -> int | None:
-    """``MAMBA_INTERP_AVAILABLE_MB`` overrides the available memory (tests, and shared machines with a quota;
-    ``MAMBA_INTERP_DISK_FREE_MB`` likewise the free disk)."""
-    value = os.environ.get("MAMBA_INTERP_AVAILABLE_MB")
-    return int(float(value) * MiB) if value else None

@@ -47,7 +47,7 @@ class StepRecord:
     resumed: bool = False
     reason: str | None = None
     peak_rss_mb: float | None = None
-    """Peak resident memory of the process while the step ran (Linux; ``memory_plan.peak_rss``)."""
+    """Peak resident memory of the process while the step ran (Linux; ``resources.peak_rss``)."""
     cpu_s: float | None = None
     """CPU time of the process (all threads) while the step ran: the cost independent of other load."""
 

@@ -54,7 +54,8 @@ from mamba_interp.pipeline.config import RunConfig, UsageError
 from mamba_interp.pipeline.context import ConfigView, StepContext, StepResult
 from mamba_interp.pipeline.fallback import OOMFallback
 from mamba_interp.pipeline.interrupts import describe as describe_interrupt
-from mamba_interp.pipeline.memory_plan import MemoryPlan, make_plan, peak_rss, reset_peak_rss
+from mamba_interp.pipeline.memory_plan import MemoryPlan, make_plan
+from mamba_interp.pipeline.resources import peak_rss, reset_peak_rss
 from mamba_interp.pipeline.model_source import ModelSource, load_model_source
 from mamba_interp.pipeline.output_folder import RunLock, check_output_folder, make_output_folder, move_to_stale
 from mamba_interp.pipeline.registry import (

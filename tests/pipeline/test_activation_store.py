@@ -1,5 +1,5 @@
 """The disk-backed activation store against the in-memory path: the same values, the same statistics, the same
-step-2 and step-3 metrics; its files are plain safetensors."""
+step-2, step-3 and step-4 metrics; its files are plain safetensors."""
 
 from __future__ import annotations
 
@@ -92,25 +92,27 @@ def store_runs(tmp_path_factory):
     from test_step_sae import tiny_model_dir
 
     model = tiny_model_dir(tmp_path_factory)
-    # a shuffle buffer far smaller than the 768 training tokens: SAE training streams in both runs
-    opts = {"sae": {"hooks": ["resid_post", "x"], "epochs": 2.0, "batch_size": 64, "k": 8,
-                    "shuffle_buffer_mb": 0.05}}
+    # a shuffle buffer of 102 rows of x, against 256 training tokens: SAE training streams in both runs
+    opts = {"sae": {"hooks": ["x"], "epochs": 2.0, "batch_size": 32, "k": 8, "shuffle_buffer_mb": 0.025},
+            "probes": {"hooks": ["x"], "max_tokens": 200, "state_max_tokens": 200,
+                       "n_resamples": 100, "state_random": 2, "amnesic_sequences": 8, "ks": [1, 4]}}
     outs = {}
     for store in ("memory", "disk"):
         out = tmp_path_factory.mktemp(store) / "run"
-        _, summary = run_pipeline(model, out, steps="0-3", samples=16, activation_store=store, step_options=opts,
+        _, summary = run_pipeline(model, out, steps="0-4", samples=16, activation_store=store, step_options=opts,
                                   figures=store == "disk")  # the disk run draws from streamed histograms
         assert summary.exit_code == 0
         outs[store] = out
     return outs
 
 
-@pytest.mark.parametrize("folder", ["step_02_activations", "step_03_sae"])
+@pytest.mark.parametrize("folder", ["step_02_activations", "step_03_sae", "step_04_probes"])
 def test_disk_store_gives_the_memory_path_metrics(store_runs, folder):
     mem, disk = (read_result(store_runs[s], folder) for s in ("memory", "disk"))
     assert mem["status"] == disk["status"] == "completed", (mem.get("error"), disk.get("error"))
     assert mem["metrics"] == disk["metrics"]
-    assert mem["result_key"] == disk["result_key"]  # where activations live does not change what is computed
+    # where activations live does not change what is computed, so it is in no resume key
+    assert "activation_store" not in mem["key_inputs"]["fields"]
 
 
 def test_disk_store_run_writes_the_store_and_resume_loads_it(store_runs):

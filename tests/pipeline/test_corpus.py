@@ -56,18 +56,18 @@ def corpus_file(tmp_path_factory):
 def test_a_corpus_drives_steps_2_and_3(tokenizer_model_dir, corpus_file, tmp_path):
     out = tmp_path / "run"
     sae = {"hooks": ["resid_post"], "epochs": 2.0, "batch_size": 64, "k": 4}
-    _, summary = run_pipeline(tokenizer_model_dir, out, steps="0-3", corpus=str(corpus_file), tokens=1600,
+    _, summary = run_pipeline(tokenizer_model_dir, out, steps="0-3", corpus=str(corpus_file), tokens=960,
                               seq_len=16, step_options={"sae": sae})
     assert summary.exit_code == 0
     s1 = read_result(out, "step_01_tasks")
     assert s1["metrics"]["primary"] == "corpus" and s1["metrics"]["data"].startswith("corpus ")
-    assert s1["metrics"]["datasets"]["corpus"]["sequences"] == 100 and "natural text" in s1["reading"]
-    assert any(n.startswith("corpus corpus.txt: 100 windows of 16 tokens") for n in s1["metrics"]["notes"])
+    assert s1["metrics"]["datasets"]["corpus"]["sequences"] == 60 and "natural text" in s1["reading"]
+    assert any(n.startswith("corpus corpus.txt: 60 windows of 16 tokens") for n in s1["metrics"]["notes"])
     s2 = read_result(out, "step_02_activations")["metrics"]
-    assert s2["dataset"] == "corpus" and s2["tokens"] == 1600
+    assert s2["dataset"] == "corpus" and s2["tokens"] == 960
     s3 = read_result(out, "step_03_sae")
     assert s3["status"] == "completed", s3.get("error")
-    assert s3["metrics"]["split"] == "sequences" and s3["metrics"]["train_tokens"] == 75 * 16
+    assert s3["metrics"]["split"] == "sequences" and s3["metrics"]["train_tokens"] == 45 * 16
 
 
 def test_corpus_needs_a_language_model_with_a_tokenizer(task_model_dir, lm_model_dir, corpus_file, tmp_path, capsys):

@@ -14,14 +14,8 @@ import torch
 
 from mamba_interp import HookedMamba, MambaConfig, cli
 from mamba_interp.pipeline.activation_stats import available_hooks, collect_activations
-from mamba_interp.pipeline.memory_plan import (
-    collection_batch,
-    current_rss,
-    decide_store,
-    hook_width,
-    peak_rss,
-    reset_peak_rss,
-)
+from mamba_interp.pipeline.memory_plan import collection_batch, decide_store, hook_width
+from mamba_interp.pipeline.resources import current_rss, peak_rss, reset_peak_rss
 
 ROOT = Path(__file__).resolve().parents[2]
 
