@@ -10,7 +10,7 @@ Running
 
 or through ``mamba_interp.experimental_framework.MambaMechanisticAnalyzer`` (the same runner).
 
-Outputs (DESIGN.md §4): ``OUT/manifest.json``, ``OUT/run.log``, ``OUT/step_NN_<name>/result.json`` (+ figures and
+Outputs (docs/outputs.md): ``OUT/manifest.json``, ``OUT/run.log``, ``OUT/step_NN_<name>/result.json`` (+ figures and
 files), ``OUT/report.html``; ``OUT/run.lock`` while a run holds the folder, ``OUT/stale/<timestamp>/`` for an
 earlier configuration's results. See ``runner.py`` for the guarantees (atomic results, resume, one run per
 folder, failures, interruption, OOM).
@@ -60,7 +60,7 @@ The contract, in detail:
 
 * ``register_step(number, name, requires=(...), title=..., load=None, options=None, version=1, default=True,
   reads=None)``.
-  ``number`` keeps the methodology's numbering (DESIGN.md §5); ``name`` is lower_snake_case and names the folder
+  ``number`` keeps the methodology's numbering (README's step table); ``name`` is lower_snake_case and names the folder
   ``step_NN_<name>``. ``requires`` lists the steps whose in-memory data the step reads; they run first (or are
   reused from disk when not selected / on ``--resume``). Requirements are transitive; 1 requires 0.
 * ``ctx`` (:class:`StepContext`): ``model`` (a ``HookedMamba`` on ``ctx.device``, eval mode), ``config``

@@ -1,4 +1,4 @@
-"""The pipeline runner: validates a run, executes the selected steps and writes every output (DESIGN.md §4).
+"""The pipeline runner: validates a run, executes the selected steps and writes every output (docs/outputs.md).
 
 Output layout::
 

@@ -1,4 +1,4 @@
-"""SAE quality metrics, one documented definition each (sparse_coding.md §2.2).
+"""SAE quality metrics, one documented definition each (the variants SAELens and SAEBench report).
 
 * L0          E_tokens #{i : f_i ≠ 0}.
 * FVU         Σ‖x − x̂‖² / Σ‖x − x̄‖², streamed in float64 as E‖e‖² / (E‖x‖² − ‖E x‖²) (SAELens 6.54

@@ -1,6 +1,6 @@
 """Training loop: ``train_sae(activations [t, d], cfg) -> SparseAutoencoder``.
 
-Recipe (sparse_coding.md §1.2, §1.3, §3.4, §8): b_dec at the geometric median (Weiszfeld) or the mean; scalar
+Recipe (SAELens, saprmarks/dictionary_learning): b_dec at the geometric median (Weiszfeld) or the mean; scalar
 input normalisation s = √d / E‖x‖; Adam with gradient-norm clipping; linear LR warm-up, constant, linear decay to 0;
 linear warm-up of the sparsity coefficient; unit-norm decoder rows with the parallel gradient removed (TopK,
 BatchTopK, JumpReLU); AuxK on latents dead for ``dead_window_tokens`` tokens (Gao et al. 2024, arXiv 2406.04093,

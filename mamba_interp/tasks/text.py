@@ -3,9 +3,9 @@
 * ``text_induction``: random tokens repeated twice (Olsson et al. 2022's repeated-sequence test); in the second
   copy each next token is predictable only by induction.
 * ``ioi``: indirect-object identification templates (Wang et al. 2022, arXiv 2211.00593), in the ABBA / BABA
-  forms used for Mamba by Ensign & Garriga-Alonso (arXiv 2407.14008; ``mamba.md`` §5.2).
+  forms used for Mamba by Ensign & Garriga-Alonso (arXiv 2407.14008).
 * ``factual_recall``: subject–relation prompts whose answer is a fact (Meng et al. 2022; for Mamba, Sharma et
-  al. 2024, arXiv 2404.03646, ``mamba.md`` §5.1), with the subject's token span as ground truth.
+  al. 2024, arXiv 2404.03646), with the subject's token span as ground truth.
 
 Prompts are built segment by segment (literal text, slot values), so every slot's token positions are exact;
 prompts of different lengths in a batch are **left**-padded (``attention_mask`` 0 on padding), so the
@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mamba_interp.models.tokens import encode as _encode
+from mamba_interp.models.tokens import pad_id as _pad_id
 from mamba_interp.tasks.base import IGNORE, Task, TaskBatch, check_positive_int, register_task, to_long
 
 
@@ -54,16 +56,6 @@ def tokenizer_name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 _SLOT = re.compile(r"\{(\w*)\}")

@@ -24,7 +24,7 @@ def resumed(tmp_path_factory):
     out = tmp_path_factory.mktemp("superposition") / "run"
     _, first = sae_run(model, out, figures=True)
     assert first.exit_code == 0
-    sae_file = out / "step_03_sae" / "sae_L0_x" / "sae.safetensors"
+    sae_file = out / "step_03_sae" / "sae_L0_x" / "sae_weights.safetensors"
     before = (sae_file.stat().st_mtime_ns, read_result(out, "step_03_sae")["started_at"])
     runner = Runner(RunConfig(model=str(model), output=str(out), samples=64, batch_size=8, quiet=True, figures=True,
                               steps="3,12", resume=True, step_options={"sae": FAST_SAE}))
@@ -42,7 +42,7 @@ def test_step12_reproduces_the_toy_model_geometry(resumed):
     assert res["status"] == "completed", res.get("error")
     toy = res["metrics"]["toy"]
     assert list(toy) == ["S=0", "S=0.8", "S=0.9", "S=0.95"]
-    # sparse_coding.md §4.3: dense -> 2 orthogonal features; S = 0.8 -> 2 antipodal pairs; S >= 0.9 -> pentagon
+    # Elhage et al. 2022, n=5 m=2: dense -> 2 orthogonal features; S = 0.8 -> 2 antipodal pairs; S >= 0.9 -> pentagon
     dense = toy["S=0"]
     assert dense["geometry"] == "orthogonal" and dense["n_represented"] == 2
     assert sorted(dense["dimensionality"], reverse=True)[:2] == pytest.approx([1.0, 1.0], abs=0.05)

@@ -4,9 +4,9 @@
 CPU default); ``"parallel"`` (Mamba-1 Hillis–Steele, the GPU default without kernels); ``"chunked"`` (Mamba-2
 chunked SSD, the default on every device without kernels); ``"kernel"`` (mamba_ssm's fused CUDA kernels).
 
-``style.md`` B5/B6: on CPU the low-memory loop beat parallel and chunked scans for Mamba-1; the chunked SSD is
-matmul-shaped for Mamba-2's scalar-per-head decay and wins there. On GPU per-step launches dominate, so a
-log-depth or chunked scan (or the fused kernel) is the default.
+Measured by ``bench/bench_model.py`` (docs/performance.md): on CPU the low-memory loop beat parallel and
+chunked scans for Mamba-1; the chunked SSD is matmul-shaped for Mamba-2's scalar-per-head decay and wins there.
+On GPU per-step launches dominate, so a log-depth or chunked scan (or the fused kernel) is the default.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def choose_scan(arch: str, requested: str, device: torch.device, has_h0: bool) -
         why = (
             "the device is not CUDA" if not on_cuda
             else "mamba_ssm is not installed (pip install -r requirements-cuda.txt)" if not kernels.available(arch)
-            else "hook_h0 sets an initial state the Mamba-1 kernel cannot take"
+            else "an initial state (hook_h0, or an inference state) is one the Mamba-1 kernel cannot take"
         )
         raise RuntimeError(f"scan_impl='kernel' cannot run: {why}; use scan_impl='auto'")
     if requested == "auto":
@@ -58,7 +58,8 @@ def choose_scan(arch: str, requested: str, device: torch.device, has_h0: bool) -
         else:
             name = "chunked"
         if on_cuda and not kernel_ok:
-            reason = "mamba_ssm not installed" if not kernels.available(arch) else "hook_h0 needs the torch scan"
+            reason = ("mamba_ssm not installed" if not kernels.available(arch)
+                      else "an initial state (hook_h0 / inference state) needs the torch scan")
             _log_once(f"mamba_interp: {arch} scan on {device.type} uses '{name}' (kernels unused: {reason})")
         else:
             _log_once(f"mamba_interp: {arch} scan on {device.type} uses '{name}'")
