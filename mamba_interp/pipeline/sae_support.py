@@ -209,11 +209,11 @@ class SAETrainUnit:
 
 def train_unit(worker: Any, unit: SAETrainUnit) -> SparseAutoencoder:
     """Train one unit's SAE (``train_folded`` on its token chunks), on whichever worker runs it."""
-    progress = None
-    if worker.progress is not None:
-        def progress(it):
-            return worker.progress(it, total=unit.cfg.steps, desc=f"training {unit.key}")
-    return train_folded(unit.acts.token_source(unit.hook, unit.layer), unit.cfg, unit.buffer_tokens, progress)
+    def progress(it: Any) -> Any:
+        return worker.progress(it, total=unit.cfg.steps, desc=f"training {unit.key}")
+
+    return train_folded(unit.acts.token_source(unit.hook, unit.layer), unit.cfg, unit.buffer_tokens,
+                        progress if worker.progress is not None else None)
 
 
 def correlate_latents(f: Tensor, variables: dict[str, Tensor], n_shuffles: int, seed: int) -> list[dict]:
