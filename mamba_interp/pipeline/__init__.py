@@ -72,6 +72,11 @@ The contract, in detail:
   ``results[n]`` (earlier :class:`StepResult`), ``data(n)`` (earlier steps' in-memory data), ``metrics(n)``,
   ``progress(iterable, total=, desc=)``, ``log`` (to ``OUT/run.log``), ``save_figure(fig, name)``,
   ``save_tensors(name, dict)``, ``save_json(name, obj)``, ``path(name)``.
+* Independent units of work (an SAE per (layer, hook), a probe per (layer, hook, variable), a patching sweep per
+  site, a decomposition per layer) go through ``ctx.executor.map(fn, units, desc=...)``: ``fn(worker, unit)`` is a
+  module-level function (``worker.model``, ``worker.device``), each unit carries its data and its own seed, and the
+  results come back in the order of the units, identical under ``--executor local`` and ``--executor ray``
+  (``pipeline/executor.py``; step 3's ``train_unit`` is the example).
 * Return a :class:`StepResult` (``metrics``, ``reading``, ``artifacts``, ``data``). Raise :class:`StepSkipped`
   ("needs a Mamba-2 model") when the step does not apply; any other exception marks it failed (recorded with the
   traceback) and steps requiring it are skipped, while the rest of the run continues.
