@@ -47,7 +47,7 @@ def test_steps_0_to_2_write_every_output(base_run):
             assert (out / folder / art).is_file(), art
     s0 = read_result(out, "step_00_setup")["metrics"]
     assert s0["instrumentation_ok"] and not s0["hooks_missing"] and not s0["hooks_unexpected"]
-    assert s0["cache_logit_rel_diff"] < 1e-4
+    assert s0["cache_logit_rel_diff"] < 1e-4 and s0["scan_logit_rel_diff"] < 1e-4
     s1 = read_result(out, "step_01_tasks")["metrics"]
     assert s1["kind"] == "task" and s1["datasets"]["induction"]["sequences"] == 12
     s2 = read_result(out, "step_02_activations")
@@ -106,6 +106,26 @@ def test_resume_skips_matching_steps_and_recomputes_changed_config(base_run, tas
     _, summary = run_pipeline(task_model_dir, out, resume=True, samples=10, figures=True)
     assert [summary.records[n].resumed for n in (0, 1, 2)] == [True, False, False]
     assert read_result(out, "step_02_activations")["metrics"]["sequences"] == 10
+
+
+def test_step0_fails_when_the_fast_scan_leaves_the_reference(task_model_dir, tmp_path, monkeypatch):
+    from mamba_interp.models import mixer_mamba1
+
+    real = mixer_mamba1.choose_scan
+
+    def broken(arch, impl, *args):
+        name, scan = real(arch, impl, *args)
+        if impl == "reference":
+            return name, scan
+        return name, lambda *a: (lambda y, h: (1.5 * y, h))(*scan(*a))
+
+    monkeypatch.setattr(mixer_mamba1, "choose_scan", broken)
+    out = tmp_path / "run"
+    _, summary = run_pipeline(task_model_dir, out, steps="0")
+    res = read_result(out, "step_00_setup")
+    assert summary.records[0].status == "failed"
+    assert "differs from the reference recurrence" in res["error"]["message"]
+    assert "caching changed" not in res["error"]["message"]
 
 
 def test_failed_step_is_recorded_and_independent_steps_still_run(base_run, task_model_dir, tmp_path, temp_steps):
