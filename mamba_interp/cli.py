@@ -55,6 +55,8 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
                    help="skip steps whose result.json in --output matches this configuration")
     p.add_argument("--task", help="task generator for a model without a card (e.g. induction)")
     p.add_argument("--hooks", help=f"hooks step 2 collects, comma-separated, from: {', '.join(HOOK_CHOICES)}")
+    p.add_argument("--compare", help="companion models for steps 9, 10, 14, comma-separated: zoo names, folders "
+                   "or hub ids (default: a zoo model's family and its task's transformer baseline)")
     p.add_argument("--option", action="append", metavar="STEP.KEY=VALUE", default=None,
                    help="a step option, e.g. sae.d_sae=512 (repeatable)")
     p.add_argument("--no-figures", dest="figures", action="store_false", default=None,
@@ -128,7 +130,8 @@ def cmd_run(argv: list[str], prog: str = f"{PROG} run") -> int:
         return 0
     base_options = read_config_file(args.config).get("step_options", {}) if args.config else {}
     fields = ("model", "layers", "samples", "seq_len", "batch_size", "steps", "output", "device", "dtype",
-              "scan_impl", "seed", "threads", "resume", "task", "hooks", "figures", "save_activations", "quiet")
+              "scan_impl", "seed", "threads", "resume", "task", "hooks", "figures", "save_activations", "quiet",
+              "compare")
     overrides = {k: getattr(args, k) for k in fields}
     overrides["step_options"] = _step_options(args.option, base_options if isinstance(base_options, dict) else {})
     cfg = build_config(args.config, **overrides)

@@ -25,7 +25,10 @@ float64). Columns are centred inside each measure.
   correspondence), :func:`rotation_test` (a Haar-random rotation of Y's feature basis: tests whether a
   basis-dependent measure such as MPPC or MMCS sees more than a rotation-invariant one would), each returning a
   :class:`NullTest` with the p-value of ``mamba_interp.stats.permutation_pvalue``;
-  :func:`bootstrap_by_group` gives a CI resampling whole sequences (tokens within a sequence are correlated).
+  :func:`bootstrap_by_group` gives a CI resampling whole sequences (tokens within a sequence are correlated), and
+  :func:`bootstrap_indices` one for any statistic of resampled examples. Fast paths with the same values for
+  linear CKA: :class:`GroupedLinearCKA` (per-sequence sums, for the sequence bootstrap) and
+  :func:`cka_permutation_test`.
 
 Measures return Python floats; NaN when undefined (e.g. a constant input).
 """
@@ -135,6 +138,66 @@ def cka(X: Any, Y: Any, kernel: str = "linear", debiased: bool = True, threshold
     if xx <= 0 or yy <= 0:
         return float("nan")
     return float(xy / np.sqrt(xx * yy))
+
+
+class GroupedLinearCKA:
+    """Linear CKA of any multiset of whole groups (sequences) of paired rows, from per-group sums: the fast path
+    of ``cka(X[rows], Y[rows])`` for the sequence bootstrap, O(groups · d²) per evaluation instead of O(n · d²).
+
+    ``self(idx)`` is the CKA of the rows of the groups ``idx`` (indices into the sorted unique group ids, repeats
+    allowed), equal to :func:`cka` on the concatenated rows (tested). Centring and the debiasing terms are expanded
+    into sums that do not depend on the subset: Σx, Σy, ΣxyᵀΣ, Σxxᵀ, Σyyᵀ, Σ‖x‖², Σ‖y‖², Σ‖x‖²‖y‖², Σ‖x‖²y,
+    Σ‖y‖²x (and the x–x, y–y analogues) per group.
+    """
+
+    def __init__(self, X: Any, Y: Any, groups: Any, debiased: bool = True) -> None:
+        x, y = _pair(X, Y, 4 if debiased else 2)
+        g = np.asarray(groups).reshape(-1)
+        if g.size != x.shape[0]:
+            raise ValueError(f"groups has {g.size} entries for {x.shape[0]} rows")
+        # shift by the overall mean first: CKA is translation invariant and the expanded sums lose less precision
+        x, y = _centre(x), _centre(y)
+        self.ids, inv = np.unique(g, return_inverse=True)
+        self.debiased = debiased
+        k = len(self.ids)
+        onehot = np.zeros((k, x.shape[0]))
+        onehot[inv, np.arange(x.shape[0])] = 1.0
+        self.count = onehot.sum(1)
+        self.sums = {"x": onehot @ x, "y": onehot @ y}
+        nx, ny = (x * x).sum(1), (y * y).sum(1)
+        members = [np.flatnonzero(inv == i) for i in range(k)]
+        self.outer = {key: np.stack([a[r].T @ b[r] for r in members])  # [groups, d_a, d_b]
+                      for key, (a, b) in {"xy": (x, y), "xx": (x, x), "yy": (y, y)}.items()}
+        self.sq = {"x": onehot @ nx, "y": onehot @ ny}
+        self.sq2 = {"xy": onehot @ (nx * ny), "xx": onehot @ (nx * nx), "yy": onehot @ (ny * ny)}
+        self.sq_vec = {"xy": onehot @ (nx[:, None] * y), "yx": onehot @ (ny[:, None] * x),
+                       "xx": onehot @ (nx[:, None] * x), "yy": onehot @ (ny[:, None] * y)}
+
+    def _similarity(self, w: np.ndarray, a: str, b: str) -> float:
+        """n(n−3)·HSIC₁ (or ‖B_cᵀA_c‖²) of the linear kernels of sides a, b over the weighted groups."""
+        n = float(w @ self.count)
+        sa, sb = w @ self.sums[a], w @ self.sums[b]
+        ma, mb = sa / n, sb / n
+        ab = np.einsum("g,gij->ij", w, self.outer[a + b])
+        cross = ab - n * np.outer(ma, mb)  # A_cᵀB_c
+        xty = float(np.sum(cross**2))
+        if not self.debiased:
+            return xty
+        qa, qb = float(w @ self.sq[a]), float(w @ self.sq[b])
+        ca, cb = float(ma @ ma), float(mb @ mb)
+        # Σ_i ‖a_i − ma‖² ‖b_i − mb‖², expanded
+        rows = (float(w @ self.sq2[a + b]) - 2 * float(mb @ (w @ self.sq_vec[a + b])) + cb * qa
+                - 2 * float(ma @ (w @ self.sq_vec[b + a])) + 4 * float(ma @ ab @ mb) - 2 * cb * float(ma @ sa)
+                + ca * qb - 2 * ca * float(mb @ sb) + n * ca * cb)
+        na, nb = qa - n * ca, qb - n * cb  # ‖A_c‖_F², ‖B_c‖_F²
+        return xty - n / (n - 2) * rows + na * nb / ((n - 1) * (n - 2))
+
+    def __call__(self, idx: Any) -> float:
+        w = np.bincount(np.asarray(idx, dtype=np.int64), minlength=len(self.ids)).astype(np.float64)
+        xy, xx, yy = self._similarity(w, "x", "y"), self._similarity(w, "x", "x"), self._similarity(w, "y", "y")
+        if xx <= 0 or yy <= 0:
+            return float("nan")
+        return float(xy / np.sqrt(xx * yy))
 
 
 def cka_matrix(xs: Sequence[Any], ys: Sequence[Any], **kw: Any) -> np.ndarray:
@@ -258,15 +321,16 @@ def matched_correlation(A: Any, B: Any) -> float:
 
 def mmcs(Da: Any, Db: Any, rotation: Any | None = None) -> float:
     """Mean max cosine similarity of dictionary directions: rows of Da [f1, d1] (mapped by ``rotation`` [d1, d2]
-    first, e.g. :func:`procrustes_rotation` between the two models' activations) against rows of Db [f2, d2]."""
-    a, b = as_matrix(Da, "Da"), as_matrix(Db, "Db")
+    first, e.g. :func:`procrustes_rotation` between the two models' activations, since two models' residual bases
+    are unrelated) against rows of Db [f2, d2] (``sparse_autoencoder.metrics.mmcs``)."""
+    import torch
+
+    from mamba_interp.sparse_autoencoder.metrics import mmcs as _mmcs
+
+    a = as_matrix(Da, "Da")
     if rotation is not None:
         a = a @ as_matrix(rotation, "rotation")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"directions live in different spaces ({a.shape[1]} vs {b.shape[1]}); pass a rotation")
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return float((a @ b.T).max(1).mean())
+    return _mmcs(torch.from_numpy(a), torch.from_numpy(as_matrix(Db, "Db")))
 
 
 def jaccard(a: Any, b: Any) -> float:
@@ -334,6 +398,27 @@ def permutation_test(measure: Measure, X: Any, Y: Any, n_permutations: int = 200
     return null_test(measure(x, y), null, "sequence permutation" if g is not None else "row permutation")
 
 
+def cka_permutation_test(X: Any, Y: Any, n_permutations: int = 200, seed: int = 0, groups: Any | None = None,
+                         debiased: bool = True) -> NullTest:
+    """:func:`permutation_test` of linear :func:`cka` (same permutations, same values), faster: re-pairing rows
+    changes only the cross term, so the self-similarities and centring are computed once."""
+    x, y = _pair(X, Y, 4 if debiased else 2)
+    g = None if groups is None else np.asarray(groups).reshape(-1)
+    if g is not None and g.size != x.shape[0]:
+        raise ValueError(f"groups has {g.size} entries for {x.shape[0]} rows")
+    x, y = _centre(x), _centre(y)
+    xx, yy = _dot_similarity(x, x, debiased), _dot_similarity(y, y, debiased)
+    if xx <= 0 or yy <= 0:
+        nan = float("nan")
+        return NullTest(nan, np.full(n_permutations, nan), nan, "row permutation" if g is None else
+                        "sequence permutation")
+    norm = np.sqrt(xx * yy)
+    rng = np.random.default_rng(seed)
+    null = [_dot_similarity(x, y[_permuted_rows(x.shape[0], g, rng)], debiased) / norm for _ in range(n_permutations)]
+    return null_test(_dot_similarity(x, y, debiased) / norm, null,
+                     "sequence permutation" if g is not None else "row permutation")
+
+
 def random_rotation(d: int, rng: np.random.Generator) -> np.ndarray:
     """A Haar-random orthogonal d×d matrix (``scipy.stats.ortho_group``; 1×1: ±1)."""
     from scipy.stats import ortho_group
@@ -354,6 +439,19 @@ def rotation_test(measure: Measure, X: Any, Y: Any, n_rotations: int = 50, seed:
     return null_test(measure(x, y), null, "random rotation")
 
 
+def bootstrap_indices(fn: Callable[[np.ndarray], float], n: int, n_resamples: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> Estimate:
+    """``fn(arange(n))`` with a percentile bootstrap CI of ``fn(idx)`` over index vectors resampled with replacement
+    (``mamba_interp.stats.estimate`` over indices): for statistics that are not a mean of per-example values, such
+    as a ratio of means or a similarity computed on the selected rows."""
+
+    def stat(idx: np.ndarray, axis: int = -1) -> Any:
+        idx = np.asarray(idx).astype(np.int64)
+        return fn(idx) if idx.ndim == 1 else np.apply_along_axis(fn, axis, idx)
+
+    return estimate(np.arange(n), stat, confidence, n_resamples, seed)
+
+
 def bootstrap_by_group(measure: Measure, X: Any, Y: Any, groups: Any, n_resamples: int = 200, seed: int = 0,
                        confidence: float = 0.95) -> Estimate:
     """``measure(X, Y)`` with a percentile bootstrap CI that resamples whole groups (sequences) with replacement
@@ -369,8 +467,4 @@ def bootstrap_by_group(measure: Measure, X: Any, Y: Any, groups: Any, n_resample
         take = np.concatenate([rows[int(i)] for i in idx])
         return measure(x[take], y[take])
 
-    def stat(idx: np.ndarray, axis: int = -1) -> Any:
-        idx = np.asarray(idx)
-        return one(idx) if idx.ndim == 1 else np.apply_along_axis(one, axis, idx)
-
-    return estimate(np.arange(len(ids)), stat, confidence, n_resamples, seed)
+    return bootstrap_indices(one, len(ids), n_resamples, seed, confidence)

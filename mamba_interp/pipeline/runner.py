@@ -217,6 +217,10 @@ class Runner:
             raise UsageError(
                 f"hook {bad_hooks[0]!r} does not exist in {model.cfg.arch}; choose from {', '.join(allowed)}"
             )
+        if cfg.compare:  # named companions must exist before anything is written
+            from mamba_interp.pipeline.companions import resolve_companions
+
+            resolve_companions(self.source, cfg.compare)
         self.out_dir = Path(cfg.output).expanduser() if cfg.output else self._default_output()
         check_output_folder(self.out_dir)
         # validation is over: from here on the run may write

@@ -34,8 +34,18 @@ def _m1(d_model: int, steps: int) -> list[str]:
             "--warmup-steps", "50", "--lr", "3e-3", "--eval-seq-lens", "1024"]
 
 
+_M2 = ["--arch", "mamba2", "--d-model", "64", "--n-layer", "2", "--d-state", "16", "--headdim", "4", "--steps", "1000",
+       "--warmup-steps", "50", "--lr", "3e-3", "--eval-seq-lens", "1024"]
+
+
+def _seed(recipe: list[str], seed: int) -> list[str]:
+    return [*recipe, "--seed", str(seed)]
+
+
 # name -> (train arguments, family, description). The arguments are exactly the card's command. Settings were
-# chosen by measurement (see each description); seeds are the default 0.
+# chosen by measurement (see each description); seeds are the default 0 except for the ``-sN`` entries, which
+# repeat a recipe with another seed (the universality step compares them). A family holds the models of one
+# task and architecture that differ only in size or seed.
 RECIPES: dict[str, tuple[list[str], str | None, str]] = {
     "induction-mamba1": (
         _IND + _m1(64, 500),
@@ -56,11 +66,36 @@ RECIPES: dict[str, tuple[list[str], str | None, str]] = {
         "degrades with size.",
     ),
     "induction-mamba2": (
-        _IND + ["--arch", "mamba2", "--d-model", "64", "--n-layer", "2", "--d-state", "16", "--headdim", "4",
-                "--steps", "1000", "--warmup-steps", "50", "--lr", "3e-3", "--eval-seq-lens", "1024"],
-        None,
+        _IND + _M2,
+        "induction-mamba2",
         "2-layer Mamba-2, d_model 64 with 32 heads (headdim 4). With 8 heads (headdim 16) it solved L=64 but "
         "reached only 0.18-0.24 at 16x; per-head decays need many heads to keep the value over long gaps.",
+    ),
+    "induction-mamba1-s1": (
+        _seed(_IND + _m1(64, 1000), 1),
+        "induction-mamba1",
+        "Seed 1 of induction-mamba1 (--seed 1: another initialisation and training stream), for the universality "
+        "step. With the seed-0 recipe's 500 steps, seeds 1 and 2 had not passed the phase change (held-out "
+        "accuracy 0.067 and 0.645), so both train 1000 steps, as the smaller sizes do.",
+    ),
+    "induction-mamba1-s2": (
+        _seed(_IND + _m1(64, 1000), 2),
+        "induction-mamba1",
+        "Seed 2 of induction-mamba1 (--seed 2: another initialisation and training stream), for the universality "
+        "step. With the seed-0 recipe's 500 steps, seeds 1 and 2 had not passed the phase change (held-out "
+        "accuracy 0.067 and 0.645), so both train 1000 steps, as the smaller sizes do.",
+    ),
+    "induction-mamba2-s1": (
+        _seed(_IND + _M2, 1),
+        "induction-mamba2",
+        "Seed 1 of induction-mamba2 (same recipe, --seed 1: another initialisation and training stream); for the "
+        "universality step.",
+    ),
+    "induction-mamba2-s2": (
+        _seed(_IND + _M2, 2),
+        "induction-mamba2",
+        "Seed 2 of induction-mamba2 (same recipe, --seed 2: another initialisation and training stream); for the "
+        "universality step.",
     ),
     "induction-transformer": (
         _IND + ["--arch", "transformer", "--d-model", "64", "--n-layer", "2", "--n-head", "4", "--steps", "3000",

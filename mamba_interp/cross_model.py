@@ -1,0 +1,181 @@
+"""Running models of different architectures on the same inputs: residual streams, answer scores, input
+influence and length generalisation, for a ``HookedMamba`` and the GPT-2 baseline (``TransformerBaseline``) alike.
+
+* :func:`residual_streams` — the residual stream entering the first block and after every block ([L + 1] tensors
+  [b, l, d]): ``hook_embed`` and ``blocks.i.hook_resid_post`` of a HookedMamba; the summed token + position
+  embedding and every block's output (before the final LayerNorm) of GPT-2, read with plain torch forward hooks.
+* :func:`answer_logprob` — per example, the mean log-probability of the targets at the scored positions.
+* :func:`input_influence` — ‖∂ answer_logprob / ∂ e_s‖₂ for every source position s, e the token embedding (the
+  output of the model's ``nn.Embedding``, read with a forward hook): gradient × nothing, the plain saliency of
+  Simonyan et al. 2014 per position. One backward per batch, since each example's score depends only on its own
+  inputs (linear in the length for Mamba, quadratic for attention).
+* :func:`influence_summary` — influence by distance from the query and the top-source hit rate (the most
+  influential source other than the query itself is the trigger p or the answer p + 1) for induction-style batches.
+* :func:`length_curve` — accuracy and loss on fresh task sequences at several lengths (the extrapolation gap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mamba_interp.tasks.base import IGNORE, TaskBatch
+
+
+def is_transformer(model: nn.Module) -> bool:
+    from mamba_interp.tasks.baseline import TransformerBaseline
+
+    return isinstance(model, TransformerBaseline)
+
+
+def n_streams(model: nn.Module) -> int:
+    """Number of residual-stream read-outs: layers + 1."""
+    return (model.config.n_layer if is_transformer(model) else model.cfg.n_layer) + 1
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def embedding_module(model: nn.Module) -> nn.Embedding:
+    """The token embedding whose output :func:`input_influence` differentiates against."""
+    return model.hf_model.transformer.wte if is_transformer(model) else model.embed
+
+
+@torch.no_grad()
+def residual_streams(model: nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> list[torch.Tensor]:
+    """[L + 1] residual streams [b, l, d] (float32, CPU) of ``tokens`` [b, l]: entering block 0, then after
+    each block."""
+    parts: list[list[torch.Tensor]] = []
+    dev = _device(model)
+    for start in range(0, tokens.shape[0], batch_size):
+        ids = tokens[start : start + batch_size].to(dev)
+        if is_transformer(model):
+            got: dict[int, torch.Tensor] = {}
+            tr = model.hf_model.transformer
+            handles = [tr.drop.register_forward_hook(lambda m, i, o: got.__setitem__(0, o))]
+            for i, block in enumerate(tr.h):
+                handles.append(block.register_forward_hook(
+                    lambda m, inp, out, i=i: got.__setitem__(i + 1, out[0] if isinstance(out, tuple) else out)))
+            try:
+                model(ids)
+            finally:
+                for h in handles:
+                    h.remove()
+            streams = [got[i] for i in range(len(tr.h) + 1)]
+        else:
+            names = ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layer)]
+            _, cache = model.run_with_cache(ids, names_filter=names)
+            streams = [cache[n] for n in names]
+        parts.append([s.float().cpu() for s in streams])
+    return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def answer_logprob(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """Mean log p(target) over each example's scored positions: [b] (logits [b, l, v])."""
+    logp = torch.log_softmax(logits.float(), -1)
+    mask = batch.eval_mask.to(logits.device)
+    tgt = batch.targets.to(logits.device).clamp(min=0)
+    lp = logp.gather(-1, tgt[..., None])[..., 0] * mask
+    return lp.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def input_influence(model: nn.Module, batch: TaskBatch, batch_size: int = 32) -> torch.Tensor:
+    """‖∂ answer_logprob(x) / ∂ e_s‖₂ per source position: [b, l] (float32, CPU)."""
+    dev = _device(model)
+    emb = embedding_module(model)
+    out = []
+    for start in range(0, len(batch), batch_size):
+        part = batch.select(slice(start, start + batch_size))
+        held: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            output = output.detach().requires_grad_(True)
+            held.append(output)
+            return output
+
+        handle = emb.register_forward_hook(keep)
+        try:
+            with torch.enable_grad():
+                logits = model(part.tokens.to(dev))
+                score = answer_logprob(logits, part).sum()  # examples are independent: one backward for all
+                (grad,) = torch.autograd.grad(score, held[0])
+        finally:
+            handle.remove()
+        out.append(grad.norm(dim=-1).float().cpu())
+    return torch.cat(out)
+
+
+def influence_summary(influence: torch.Tensor, batch: TaskBatch, n_bins: int = 8) -> dict[str, Any]:
+    """Influence by distance from the query (log-spaced bins of the share of each example's total influence) and,
+    when the batch has ``query_pos``/``value_pos``/``trigger_pos`` metadata, the top-source hit rate and the share
+    of influence on {p, p + 1}. Per-example arrays are returned for CIs."""
+    infl = influence.double().numpy()
+    b, length = infl.shape
+    meta = batch.metadata
+    query = meta["query_pos"].numpy() if "query_pos" in meta else np.full(b, length - 1)
+    share = infl / np.maximum(infl.sum(1, keepdims=True), 1e-30)
+    dist = query[:, None] - np.arange(length)[None, :]  # [b, l] distance of each source from the query
+    edges = np.unique(np.round(np.geomspace(1, max(length, 2), n_bins + 1)).astype(int))
+    by_distance = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (dist >= lo) & (dist < hi)
+        if sel.any():
+            by_distance[f"{lo}-{hi - 1}"] = float((share * sel).sum(1).mean())
+    out: dict[str, Any] = {"by_distance": by_distance, "query_share": float(share[np.arange(b), query].mean())}
+    if "value_pos" in meta and "trigger_pos" in meta:
+        value, trigger = meta["value_pos"].numpy(), meta["trigger_pos"].numpy()
+        masked = infl.copy()
+        masked[np.arange(b), query] = -np.inf
+        masked[dist < 0] = -np.inf
+        top = masked.argmax(1)
+        hit = (top == value) | (top == trigger)
+        out["top_source_hit_per_example"] = hit.astype(np.float64)
+        out["top_source_hit"] = float(hit.mean())
+        out["answer_share_per_example"] = share[np.arange(b), value] + share[np.arange(b), trigger]
+        out["answer_share"] = float(out["answer_share_per_example"].mean())
+    return out
+
+
+def length_curve(model: nn.Module, task: Any, lengths: Sequence[int], n: int, seed: int) -> dict[int, dict]:
+    """Accuracy and loss on ``n`` fresh test sequences per length (``training.evaluate``); lengths a GPT-2
+    baseline cannot embed (beyond ``n_positions``) are left out."""
+    from mamba_interp.tasks.training import evaluate
+
+    out = {}
+    for length in lengths:
+        if is_transformer(model) and length > model.n_positions:
+            continue
+        batch = task.sample(n, seed, seq_len=int(length), split="test")
+        with torch.no_grad():
+            ev = evaluate(model, task, batch)
+        out[int(length)] = {"accuracy": ev["acc"], "loss": ev["loss"], "n": len(batch),
+                            "scored": int((batch.targets != IGNORE).sum())}
+    return out
+
+
+def sae_features(train: torch.Tensor, evaluate_on: torch.Tensor, expansion: int = 4, k: int = 8, steps: int = 1000,
+                 seed: int = 0) -> tuple[torch.Tensor, dict[str, float], Any]:
+    """A TopK SAE (``sparse_autoencoder.train_sae``, d_sae = ``expansion``·d) trained on ``train`` [t, d]; returns
+    its latent activations on ``evaluate_on`` [n, d] ([n, d_sae]), its metrics there (L0, FVU, dead fraction) and
+    the SAE. Shared, cheap settings so that several models' features are comparable."""
+    from mamba_interp.sparse_autoencoder import SAEConfig, sae_metrics, train_sae
+
+    d = train.shape[1]
+    cfg = SAEConfig(d_in=d, d_sae=expansion * d, architecture="topk", k=min(k, expansion * d), steps=steps,
+                    batch_size=min(256, train.shape[0]), seed=seed, log_every=max(1, steps // 10),
+                    dead_window_tokens=min(200_000, 50 * train.shape[0]))
+    sae = train_sae(train.float(), cfg)
+    with torch.no_grad():
+        feats = sae.encode(evaluate_on.float().to(sae.device)).cpu()
+    m = sae_metrics(sae, evaluate_on.float())
+    return feats, {"l0": m.l0, "fvu": m.fvu, "dead_fraction": m.dead_fraction, "d_sae": cfg.d_sae}, sae
+
+
+def live_features(feats: torch.Tensor, min_active: int = 20) -> torch.Tensor:
+    """The columns of ``feats`` [n, f] that are non-zero on at least ``min_active`` rows."""
+    return feats[:, (feats != 0).sum(0) >= min_active]

@@ -1,0 +1,96 @@
+"""Cross-model helpers on tiny random models: residual streams match the models' own read-outs, input influence
+matches a brute-force autograd Jacobian, summaries on planted influence maps, length curves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamba_interp import HookedMamba, MambaConfig
+from mamba_interp import cross_model as XM
+from mamba_interp.tasks import TransformerBaseline, get_task
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    mamba = HookedMamba(MambaConfig(arch="mamba1", d_model=16, n_layer=2, vocab_size=12, d_state=4)).eval()
+    torch.manual_seed(1)
+    gpt = TransformerBaseline.build(vocab_size=12, d_model=16, n_layer=2, n_head=2, n_positions=48).eval()
+    return mamba, gpt
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_task("induction", vocab_size=12, seq_len=12)
+
+
+def test_residual_streams_match_the_models(models, task):
+    mamba, gpt = models
+    tokens = task.sample(5, 0).tokens
+    streams = XM.residual_streams(mamba, tokens, batch_size=2)
+    assert len(streams) == XM.n_streams(mamba) == 3
+    _, cache = mamba.run_with_cache(tokens)
+    assert torch.equal(streams[0], cache["hook_embed"])
+    assert torch.allclose(streams[2], cache["blocks.1.hook_resid_post"], atol=1e-6)  # batches of 2 vs 5
+    ts = XM.residual_streams(gpt, tokens, batch_size=2)
+    with torch.no_grad():
+        hidden = gpt.hidden_states(tokens)  # embeddings, block 0, ln_f(block 1)
+        final = gpt.hf_model.transformer.ln_f(ts[2])
+    assert torch.allclose(ts[0], hidden[0], atol=1e-6) and torch.allclose(ts[1], hidden[1], atol=1e-6)
+    assert torch.allclose(final, hidden[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_input_influence_equals_autograd_jacobian(models, task, which):
+    model = models[which]
+    batch = task.sample(3, 1)
+    emb = XM.embedding_module(model)
+    with torch.no_grad():
+        e0 = emb(batch.tokens)
+
+    def score(e):
+        def swap(module, inputs, output):
+            return e
+        handle = emb.register_forward_hook(swap)
+        try:
+            return XM.answer_logprob(model(batch.tokens), batch)
+        finally:
+            handle.remove()
+
+    jac = torch.autograd.functional.jacobian(score, e0)  # [b, b, l, d]
+    expected = torch.stack([jac[i, i].norm(dim=-1) for i in range(len(batch))])
+    assert torch.allclose(jac.sum(1) - torch.stack([jac[i, i] for i in range(len(batch))]),
+                          torch.zeros_like(e0), atol=1e-7), "examples are independent"
+    got = XM.input_influence(model, batch, batch_size=2)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_influence_summary_on_planted_maps(task):
+    batch = task.sample(6, 2, seq_len=24)
+    infl = torch.full((6, 24), 0.01)
+    rows = torch.arange(6)
+    infl[rows, batch.metadata["value_pos"]] = 1.0
+    infl[rows, -1] = 5.0  # the query itself is excluded from the top source
+    infl[:3, 0] = 2.0  # three examples point elsewhere
+    infl[rows[:3], batch.metadata["value_pos"][:3]] = 0.5
+    s = XM.influence_summary(infl, batch)
+    expected_hit = ((batch.metadata["trigger_pos"][:3] == 0).sum().item() + 3) / 6
+    assert s["top_source_hit"] == pytest.approx(expected_hit)
+    assert sum(s["by_distance"].values()) + s["query_share"] == pytest.approx(1.0)
+
+
+def test_length_curve_skips_unembeddable_lengths(models, task):
+    mamba, gpt = models
+    m = XM.length_curve(mamba, task, [12, 96], n=4, seed=0)
+    t = XM.length_curve(gpt, task, [12, 96], n=4, seed=0)
+    assert set(m) == {12, 96} and set(t) == {12}
+    assert 0 <= m[96]["accuracy"] <= 1 and m[12]["n"] == 4
+
+
+def test_sae_features_shapes():
+    torch.manual_seed(0)
+    x = torch.randn(300, 8)
+    feats, metrics, _ = XM.sae_features(x, x[:100], expansion=2, k=3, steps=20, seed=0)
+    assert feats.shape == (100, 16) and metrics["l0"] == pytest.approx(3.0)
+    assert XM.live_features(feats, min_active=1).shape[1] <= 16
