@@ -20,22 +20,20 @@ Guarantees:
   are recorded as ``skipped`` with the reason.
 * CUDA out-of-memory inside a step: retried with half the batch (twice), then on CPU; each fallback is recorded
   in ``result.json["fallbacks"]``.
+
+The pieces live in their own modules: ``output_folder.py`` (checks on ``OUT``), ``results.py`` (records,
+``result.json`` and the resume match), ``fallback.py`` (the out-of-memory retries).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import gc
-import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,9 @@ import torch
 from mamba_interp.pipeline import environment as env
 from mamba_interp.pipeline.config import RunConfig, UsageError
 from mamba_interp.pipeline.context import StepContext, StepResult
+from mamba_interp.pipeline.fallback import OOMFallback
 from mamba_interp.pipeline.model_source import ModelSource, load_model_source
+from mamba_interp.pipeline.output_folder import check_output_folder, make_output_folder
 from mamba_interp.pipeline.registry import (
     Step,
     StepSkipped,
@@ -53,96 +53,19 @@ from mamba_interp.pipeline.registry import (
     get_step,
     with_requirements,
 )
+from mamba_interp.pipeline.results import (
+    MANIFEST_FORMAT,
+    ResultStore,
+    RunSummary,
+    StepRecord,
+    first_line,
+    now,
+)
 from mamba_interp.utils.io import atomic_write_json
 
+__all__ = ["Runner", "RunSummary", "StepRecord", "print_line"]
+
 logger = logging.getLogger("mamba_interp.pipeline")
-
-MANIFEST_FORMAT = "mamba_interp.run/1"
-MAX_HALVINGS = 2
-
-
-def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA (or allocator) out-of-memory errors, the only ones a smaller batch or the CPU can fix."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-
-
-def check_output_folder(path: Path) -> None:
-    """Raise :class:`UsageError` unless ``path`` is (or can become) a writable folder. Writes nothing."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"output path {str(path)!r} is a file; pass a folder path to --output")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"output path {str(path)!r} lies under the file {str(ancestor)!r}; choose another --output")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {str(ancestor)!r} is not writable; choose another --output")
-
-
-def make_output_folder(path: Path) -> None:
-    """Create ``path`` and prove it writable; on failure remove what was created and raise :class:`UsageError`."""
-    created: list[Path] = []
-    p = path
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        for c in created:  # deepest first
-            try:
-                c.rmdir()
-            except OSError:
-                pass
-        raise UsageError(
-            f"output folder {str(path)!r} is not writable ({exc.strerror or type(exc).__name__}); "
-            "choose another --output"
-        ) from None
-
-
-@dataclass
-class StepRecord:
-    """The runner's view of one step in this run (mirrored in ``manifest.json``)."""
-
-    step: Step
-    status: str = "pending"  # pending | running | completed | failed | skipped | interrupted
-    duration_s: float | None = None
-    resumed: bool = False
-    reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"step": self.step.number, "name": self.step.name, "title": self.step.title, "status": self.status,
-                "duration_s": self.duration_s, "resumed": self.resumed, "reason": self.reason,
-                "folder": self.step.folder_name}
-
-
-@dataclass
-class RunSummary:
-    out_dir: Path
-    report: Path | None
-    records: dict[int, StepRecord] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> list[int]:
-        return [n for n, r in self.records.items() if r.status == "failed"]
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
 
 
 class Runner:
@@ -164,7 +87,7 @@ class Runner:
         self.data: dict[int, dict[str, Any]] = {}
         self.records: dict[int, StepRecord] = {}
         self._log_handler: logging.Handler | None = None
-        self._manifest_created = _now()
+        self._manifest_created = now()
         self._status = "running"
 
     # ---- preparation: everything that can fail on bad input, before anything is written ------------
@@ -229,6 +152,7 @@ class Runner:
             torch.set_num_threads(cfg.threads)
         model.to(device=self.device, dtype=self.dtype).eval()
         self.fingerprint = model.fingerprint()
+        self.store = ResultStore(self.out_dir, cfg, self.fingerprint, self.layers)
         self._environment = {"versions": env.library_versions(), "platform": env.platform_info(),
                              "git": env.git_revision()}
         self.records = {n: StepRecord(steps[n]) for n in self.planned}
@@ -274,7 +198,7 @@ class Runner:
             "format": MANIFEST_FORMAT,
             "status": self._status,
             "created_at": self._manifest_created,
-            "updated_at": _now(),
+            "updated_at": now(),
             "command": self.argv,
             "config": self.config.to_dict(),
             "result_key": self.config.result_key(),
@@ -290,54 +214,14 @@ class Runner:
     def write_manifest(self) -> None:
         atomic_write_json(self.out_dir / "manifest.json", self.manifest())
 
-    def _result_path(self, step: Step) -> Path:
-        return self.out_dir / step.folder_name / "result.json"
-
     def _matching_result(self, step: Step) -> dict[str, Any] | None:
-        """The step's completed ``result.json`` if it was computed for this config, model and step version."""
-        path = self._result_path(step)
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        ok = (data.get("status") == "completed" and data.get("result_key") == self.config.result_key()
-              and data.get("model_fingerprint") == self.fingerprint and data.get("step_version") == step.version
-              and data.get("layers") == list(self.layers))
-        return data if ok else None
+        return self.store.matching(step)
 
     def _write_result(self, step: Step, status: str, started: str, duration: float, result: StepResult | None,
                       ctx: StepContext | None, fallbacks: list[dict], error: dict | None = None,
                       reason: str | None = None) -> None:
-        artifacts: list[str] = []
-        if result is not None:
-            artifacts = list(dict.fromkeys((ctx._artifacts if ctx else []) + list(result.artifacts)))
-        payload = {
-            "step": step.number,
-            "name": step.name,
-            "title": step.title,
-            "status": status,
-            "duration_s": round(duration, 3),
-            "started_at": started,
-            "finished_at": _now(),
-            "config": self.config.to_dict(),
-            "result_key": self.config.result_key(),
-            "model_fingerprint": self.fingerprint,
-            "step_version": step.version,
-            "requires": list(step.requires),
-            "layers": list(self.layers),
-            "options": _options_dict(ctx.options if ctx else None),
-            "device": str(ctx.device) if ctx else str(self.device),
-            "batch_size": ctx.batch_size if ctx else self.config.batch_size,
-            "fallbacks": fallbacks,
-            "metrics": result.metrics if result else {},
-            "artifacts": artifacts,
-            "reading": result.reading if result else "",
-            "reason": reason,
-            "error": error,
-        }
-        atomic_write_json(self._result_path(step), payload)
+        self.store.write(step, status, started, duration, result, ctx, fallbacks, self.device, error=error,
+                         reason=reason)
 
     # ---- execution ---------------------------------------------------------------------------
     def run(self, steps: Iterable[int] | None = None) -> RunSummary:
@@ -443,40 +327,29 @@ class Runner:
         record.status, record.resumed, record.reason = "running", False, None
         self.write_manifest()
         self._fresh_folder(step)
-        started, t0 = _now(), time.perf_counter()
+        started, t0 = now(), time.perf_counter()
         ctx: StepContext | None = None
-        fallbacks: list[dict[str, Any]] = []
+        fallback = OOMFallback(self.device, self.config.batch_size)
+        fallbacks = fallback.taken
         try:
             self._ensure_inputs(step)
-            device, batch_size, halvings = self.device, self.config.batch_size, 0
             while True:
                 env.seed_everything(env.step_seed(self.config.seed, step.number))
-                ctx = self._context(step, device, batch_size)
+                ctx = self._context(step, fallback.device, fallback.batch_size)
                 try:
                     result = step.fn(ctx)
                     break
                 except Exception as exc:
-                    can_shrink = batch_size > 1 and halvings < MAX_HALVINGS
-                    if not is_oom(exc) or not (can_shrink or device.type == "cuda"):
+                    if not fallback.recoverable(exc):
                         raise
                     msg = first_line(exc)[:200] or type(exc).__name__
-                # outside the except block the error's frames (and the tensors they hold) are released, so the
-                # allocator's cache can really be emptied before the retry
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if can_shrink:
-                    batch_size, halvings = max(1, batch_size // 2), halvings + 1
-                    fallbacks.append({"action": "smaller_batch", "batch_size": batch_size, "device": str(device),
-                                      "error": msg})
-                else:
-                    device = torch.device("cpu")
-                    self._move_model(device)
-                    fallbacks.append({"action": "cpu", "batch_size": batch_size, "device": "cpu", "error": msg})
+                action = fallback.advance(msg)  # outside the except block: see OOMFallback.advance
+                if action["action"] == "cpu":
+                    self._move_model(fallback.device)
                 logger.warning("%s: out of memory (%s); retrying with batch %d on %s", step.label, msg,
-                               batch_size, device)
+                               fallback.batch_size, fallback.device)
                 self.echo(f"step {step.number:>2} {step.name:<14} out of memory; retrying with batch "
-                          f"{batch_size} on {device}")
+                          f"{fallback.batch_size} on {fallback.device}")
                 self._fresh_folder(step)
             if not isinstance(result, StepResult):
                 raise TypeError(f"{step.label} returned {type(result).__name__}; return a StepResult")
@@ -524,21 +397,12 @@ class Runner:
     def _record_skip(self, step: Step, reason: str) -> None:
         folder = self.out_dir / step.folder_name
         self._fresh_folder(step)
-        now = _now()
-        self._write_result(step, "skipped", now, 0.0, None, None, [], reason=reason)
+        self._write_result(step, "skipped", now(), 0.0, None, None, [], reason=reason)
         rec = self.records[step.number]
         rec.status, rec.duration_s, rec.reason, rec.resumed = "skipped", 0.0, reason, False
         self.echo(f"step {step.number:>2} {step.name:<14} skipped: {reason}")
         logger.info("%s skipped: %s (%s)", step.label, reason, folder)
         self.write_manifest()
-
-
-def _options_dict(options: Any) -> dict[str, Any] | None:
-    if options is None:
-        return None
-    import dataclasses
-
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
 
 
 def print_line(line: str) -> None:
