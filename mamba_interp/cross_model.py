@@ -11,7 +11,8 @@ influence and length generalisation, for a ``HookedMamba`` and the GPT-2 baselin
   inputs (linear in the length for Mamba, quadratic for attention).
 * :func:`influence_summary` — influence by distance from the query and the top-source hit rate (the most
   influential source other than the query itself is the trigger p or the answer p + 1) for induction-style batches.
-* :func:`length_curve` — accuracy and loss on fresh task sequences at several lengths (the extrapolation gap).
+* :func:`example_scores` / :func:`length_curve` — per-example loss and correctness, and accuracy and loss on
+  fresh task sequences at several lengths (the extrapolation gap).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mamba_interp.tasks.base import IGNORE, TaskBatch
+from mamba_interp.tasks.base import TaskBatch
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -141,20 +142,40 @@ def influence_summary(influence: torch.Tensor, batch: TaskBatch, n_bins: int = 8
     return out
 
 
-def length_curve(model: nn.Module, task: Any, lengths: Sequence[int], n: int, seed: int) -> dict[int, dict]:
-    """Accuracy and loss on ``n`` fresh test sequences per length (``training.evaluate``); lengths a GPT-2
-    baseline cannot embed (beyond ``n_positions``) are left out."""
-    from mamba_interp.tasks.training import evaluate
+@torch.no_grad()
+def example_scores(model: nn.Module, batch: TaskBatch, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per example: ``loss`` (mean −log p of the targets at the scored positions), ``correct`` (every scored
+    position right), ``hits`` / ``scored`` (right and scored positions), float64 numpy [b]."""
+    dev = _device(model)
+    loss, correct, hits, scored = [], [], [], []
+    # attention is quadratic in the length: keep about 32k tokens per forward pass
+    step = max(1, min(batch_size, 32768 // max(batch.seq_len, 1)))
+    for start in range(0, len(batch), step):
+        part = batch.select(slice(start, start + step))
+        logits = model(part.tokens.to(dev)).float()
+        mask = part.eval_mask.to(dev)
+        right = (logits.argmax(-1) == part.targets.to(dev)) & mask
+        loss.append(-answer_logprob(logits, part))
+        correct.append((right | ~mask).all(-1))
+        hits.append(right.sum(-1))
+        scored.append(mask.sum(-1))
+    cat = lambda xs: torch.cat(xs).double().cpu().numpy()  # noqa: E731
+    return {"loss": cat(loss), "correct": cat(correct), "hits": cat(hits), "scored": cat(scored)}
 
+
+def length_curve(model: nn.Module, task: Any, lengths: Sequence[int], n: int, seed: int, batch_size: int = 64
+                 ) -> dict[int, dict]:
+    """Accuracy (over scored positions) and mean loss on ``n`` fresh test sequences per length, with the
+    per-example ``scores`` (:func:`example_scores`) for CIs; lengths a GPT-2 baseline cannot embed (beyond
+    ``n_positions``) are left out."""
     out = {}
     for length in lengths:
         if is_transformer(model) and length > model.n_positions:
             continue
         batch = task.sample(n, seed, seq_len=int(length), split="test")
-        with torch.no_grad():
-            ev = evaluate(model, task, batch)
-        out[int(length)] = {"accuracy": ev["acc"], "loss": ev["loss"], "n": len(batch),
-                            "scored": int((batch.targets != IGNORE).sum())}
+        sc = example_scores(model, batch, batch_size)
+        out[int(length)] = {"accuracy": float(sc["hits"].sum() / max(sc["scored"].sum(), 1)),
+                            "loss": float(sc["loss"].mean()), "n": len(batch), "scores": sc}
     return out
 
 

@@ -3,6 +3,7 @@ matches a brute-force autograd Jacobian, summaries on planted influence maps, le
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,16 @@ def test_sae_features_shapes():
     feats, metrics, _ = XM.sae_features(x, x[:100], expansion=2, k=3, steps=20, seed=0)
     assert feats.shape == (100, 16) and metrics["l0"] == pytest.approx(3.0)
     assert XM.live_features(feats, min_active=1).shape[1] <= 16
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_example_scores_agree_with_evaluate(models, task, which):
+    from mamba_interp.tasks.training import evaluate
+
+    model = models[which]
+    batch = task.sample(10, 3)
+    sc = XM.example_scores(model, batch, batch_size=4)
+    ref = evaluate(model, task, batch)
+    assert sc["hits"].sum() / sc["scored"].sum() == pytest.approx(ref["acc"])
+    assert sc["loss"].mean() == pytest.approx(ref["loss"], rel=1e-5)  # one scored position per example
+    assert set(np.unique(sc["correct"])) <= {0.0, 1.0}

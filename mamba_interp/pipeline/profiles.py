@@ -1,0 +1,169 @@
+"""Model profiles: what the cross-model steps (10 universality, 14 scaling) measure on every model of a family,
+computed once per run with shared, cheap settings and kept in memory for the steps of the run.
+
+:func:`model_profile` measures one model on the run's shared inputs (step 1's batch and held-out batch, the same
+for every companion): the residual streams (for CKA across models), accuracy and loss at several multiples of the
+training length (per-example, for CIs and fits), and a TopK SAE on the last residual stream (FVU at its fixed L0,
+live-feature activations for MPPC, decoder rows for MMCS). :func:`family_profiles` does so for the analysed model
+and each companion, loading the companions one at a time; results are cached by (model fingerprint, settings,
+inputs), so step 14 reuses what step 10 computed.
+
+Not yet in a profile (their modules are not part of this build): the step-5 circuit, probe scores, the hidden-
+attention induction score / knockout and the memory horizon of step 8 (``PENDING``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mamba_interp import cross_model as XM
+from mamba_interp.pipeline.companions import Companion
+
+PENDING = ("circuit (step 5)", "probe scores (step 4)", "induction score and knockout (step 7)",
+           "memory horizon (step 8)")
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Shared settings of every profile in a run (part of the cache key)."""
+
+    sequences: int = 128
+    """Sequences of step 1's batch (every token) for streams and SAE features; as many of the held-out batch
+    train the SAE."""
+    length_multiples: tuple[int, ...] = (1, 4, 16)
+    long_sequences: int = 32
+    sae_expansion: int = 4
+    sae_k: int = 8
+    sae_steps: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        mult = self.length_multiples
+        if not isinstance(mult, (list, tuple)) or not mult or not all(isinstance(m, int) and m >= 1 for m in mult):
+            raise ValueError(f"length_multiples={mult!r} must be positive integers, e.g. [1, 4, 16]")
+        object.__setattr__(self, "length_multiples", tuple(sorted(set(mult))))
+
+
+@dataclass
+class ModelProfile:
+    """One model measured on the shared inputs. Arrays are CPU numpy (float64 unless noted)."""
+
+    name: str
+    role: str  # "primary" or a companion role
+    arch: str
+    n_params: int
+    d_model: int
+    seed: int | None
+    streams: list[np.ndarray]  # [L + 1] of [n_tokens, d] (float32)
+    length: dict[str, dict[str, Any]]  # "4x" -> accuracy, loss, n, per-example loss / correct
+    sae: dict[str, Any]  # l0, fvu, dead_fraction, d_sae; features [n_tokens, live] (float32); decoder [live, d];
+    # err2, var2 [n_tokens] (squared reconstruction error, squared distance from the mean, per token)
+    pending: tuple[str, ...] = PENDING
+    extra: dict[str, Any] = field(default_factory=dict)
+    """``null_streams``: the streams of a random-init model of the same architecture (Mamba models only)."""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able numbers (no arrays)."""
+        return {"name": self.name, "role": self.role, "arch": self.arch, "n_params": self.n_params,
+                "d_model": self.d_model, "seed": self.seed,
+                "length": {k: {m: v[m] for m in ("accuracy", "loss", "n")} for k, v in self.length.items()},
+                "sae": {k: self.sae[k] for k in ("l0", "fvu", "dead_fraction", "d_sae", "live")}}
+
+
+_CACHE: dict[tuple, ModelProfile] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _tokens_key(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(model: nn.Module) -> str:
+    return model.fingerprint()
+
+
+def model_profile(model: nn.Module, task: Any, batch: Any, heldout: Any, settings: ProfileSettings, name: str,
+                  role: str, seed: int | None = None, batch_size: int = 64) -> ModelProfile:
+    """Measure ``model`` (see the module docstring); cached in memory for the run's process."""
+    batch = batch.select(slice(0, settings.sequences))
+    heldout = heldout.select(slice(0, settings.sequences))
+    key = (_fingerprint(model), settings, _tokens_key(batch.tokens, heldout.tokens))
+    if key in _CACHE:
+        cached = _CACHE[key]
+        if cached.name == name and cached.role == role:
+            return cached
+        return ModelProfile(**{**cached.__dict__, "name": name, "role": role})
+    streams = [s.reshape(-1, s.shape[-1]) for s in XM.residual_streams(model, batch.tokens, batch_size)]
+    train = XM.residual_streams(model, heldout.tokens, batch_size)[-1]
+    train = train.reshape(-1, train.shape[-1])
+    feats, metrics, sae = XM.sae_features(train, streams[-1], settings.sae_expansion, settings.sae_k,
+                                          settings.sae_steps, settings.seed)
+    live = (feats != 0).sum(0) >= 20
+    with torch.no_grad():
+        err2 = ((sae.decode(feats.to(sae.device)).cpu() - streams[-1]) ** 2).sum(-1)
+        var2 = ((streams[-1] - streams[-1].mean(0)) ** 2).sum(-1)  # FVU = Σ err2 / Σ var2
+        decoder = sae.W_dec.detach().cpu()[live]
+    length = {}
+    for mult in settings.length_multiples:
+        seq_len = task.seq_len * mult
+        got = XM.length_curve(model, task, [seq_len], settings.long_sequences, settings.seed + mult, batch_size)
+        if seq_len in got:
+            row = got[seq_len]
+            length[f"{mult}x"] = {"accuracy": row["accuracy"], "loss": row["loss"], "n": row["n"],
+                                  "example_loss": row["scores"]["loss"], "example_correct": row["scores"]["correct"]}
+    cfg_d = model.config.n_embd if XM.is_transformer(model) else model.cfg.d_model
+    arch = "transformer" if XM.is_transformer(model) else model.cfg.arch
+    profile = ModelProfile(
+        name=name, role=role, arch=arch, n_params=int(model.n_params()), d_model=int(cfg_d), seed=seed,
+        streams=[s.float().numpy() for s in streams], length=length,
+        sae={**metrics, "live": int(live.sum()), "features": feats[:, live].float().numpy(),
+             "decoder": decoder.double().numpy(), "err2": err2.double().numpy(), "var2": var2.double().numpy()},
+    )
+    if not XM.is_transformer(model):
+        profile.extra["null_streams"] = random_init_streams(model, batch.tokens, settings.seed + 1000, batch_size)
+    _CACHE[key] = profile
+    return profile
+
+
+def family_profiles(ctx: Any, companions: list[Companion], settings: ProfileSettings) -> list[ModelProfile]:
+    """Profiles of the analysed model (role ``"primary"``) and of each companion trained on the same task, loaded
+    one at a time. Companions on another task, or that cannot read the task's sequences, are left out."""
+    d1 = ctx.data(1)
+    task, batch = d1["task"], d1["batch"]
+    heldout = d1.get("heldout") if d1.get("heldout") is not None else batch
+    card = ctx.source.card or {}
+    out = [model_profile(ctx.model, task, batch, heldout, settings, ctx.source.name, "primary", card.get("seed"),
+                         ctx.batch_size)]
+    for comp in companions:
+        if (comp.task, comp.task_params) != (ctx.source.task, ctx.source.task_params):
+            continue
+        model = comp.load().to(ctx.device)
+        out.append(model_profile(model, task, batch, heldout, settings, comp.name, comp.role, comp.seed,
+                                 ctx.batch_size))
+        del model  # one companion in memory at a time
+    return out
+
+
+def random_init_streams(model: nn.Module, tokens: torch.Tensor, seed: int, batch_size: int = 64) -> list[np.ndarray]:
+    """Residual streams of a freshly initialised model of the same architecture (a null for CKA across seeds)."""
+    from mamba_interp.models import HookedMamba
+
+    torch.manual_seed(seed)
+    fresh = HookedMamba(model.cfg).to(next(model.parameters()).device).eval()
+    return [s.reshape(-1, s.shape[-1]).float().numpy() for s in XM.residual_streams(fresh, tokens, batch_size)]
