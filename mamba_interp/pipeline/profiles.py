@@ -44,14 +44,22 @@ class ProfileSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        mult = self.length_multiples
-        if not isinstance(mult, (list, tuple)) or not mult or not all(isinstance(m, int) and m >= 1 for m in mult):
+        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps"))
+
+
+def check_options(opts: Any, positive: tuple[str, ...]) -> None:
+    """Validate the named positive-integer fields of an options dataclass and normalise its ``length_multiples``
+    (if any) to a sorted tuple; shared by the profile settings and the options of steps 9, 10 and 14."""
+    for name in positive:
+        v = getattr(opts, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    if hasattr(opts, "length_multiples"):
+        mult = opts.length_multiples
+        if not isinstance(mult, (list, tuple)) or not mult or not all(
+                isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
             raise ValueError(f"length_multiples={mult!r} must be positive integers, e.g. [1, 4, 16]")
-        object.__setattr__(self, "length_multiples", tuple(sorted(set(mult))))
+        object.__setattr__(opts, "length_multiples", tuple(sorted(set(mult))))
 
 
 @dataclass

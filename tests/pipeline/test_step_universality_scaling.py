@@ -110,3 +110,15 @@ def test_steps_10_14_on_the_default_family(tmp_path):
     m14 = read_result(tmp_path / "run", "step_14_scaling")["metrics"]
     assert len({row["n_params"] for row in m14["table"]}) == 3
     assert "exponent" in m14["fits"]["sae_fvu"] and "exponent" in m14["fits"]["loss_16x"]
+
+
+def test_options_validation():
+    from mamba_interp.pipeline.registry import get_step
+    from mamba_interp.pipeline.config import UsageError
+
+    for step in ("equivalence", "universality", "scaling"):
+        with pytest.raises(UsageError, match="length_multiples"):
+            get_step(step).make_options({"length_multiples": [0, 4]})
+        with pytest.raises(UsageError, match="sae_steps"):
+            get_step(step).make_options({"sae_steps": 0})
+    assert get_step("scaling").make_options({"length_multiples": [16, 1, 1]}).length_multiples == (1, 16)

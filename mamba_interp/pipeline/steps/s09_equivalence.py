@@ -52,6 +52,7 @@ from mamba_interp import comparison as C
 from mamba_interp import cross_model as XM
 from mamba_interp.pipeline.companions import Companion, no_companions_reason, resolve_companions
 from mamba_interp.pipeline.context import StepContext, StepResult
+from mamba_interp.pipeline.profiles import check_options
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 from mamba_interp.stats import estimate
 
@@ -77,17 +78,10 @@ class Options:
     """A head counts as an induction / previous-token head when its score is at least this."""
 
     def __post_init__(self) -> None:
-        for name in ("sequences", "permutations", "bootstrap", "long_sequences", "sae_expansion", "sae_k",
-                     "sae_steps", "rotations"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
+        check_options(self, ("sequences", "permutations", "bootstrap", "long_sequences", "sae_expansion", "sae_k",
+                             "sae_steps", "rotations"))
         if self.sequences < 4:
             raise ValueError(f"sequences={self.sequences} must be >= 4 (debiased CKA needs 4 samples)")
-        mult = tuple(self.length_multiples) if isinstance(self.length_multiples, (list, tuple)) else None
-        if not mult or not all(isinstance(m, int) and m >= 1 for m in mult):
-            raise ValueError(f"length_multiples={self.length_multiples!r} must be positive integers, e.g. [1, 4, 16]")
-        object.__setattr__(self, "length_multiples", tuple(sorted(set(mult))))
         if not 0 < self.head_threshold <= 1:
             raise ValueError(f"head_threshold={self.head_threshold} must be in (0, 1]")
 
@@ -177,7 +171,8 @@ def transformer_mechanism(baseline: Any, batch: Any, task: Any, opts: Options, s
     table: dict[str, dict[str, Any]] = {}
     for comp in heads:
         key = AH.component_label(comp)
-        table[key] = {"induction_score": float(ind[comp[1], comp[2]]), "prev_token_score": float(prev[comp[1], comp[2]])}
+        table[key] = {"induction_score": float(ind[comp[1], comp[2]]),
+                      "prev_token_score": float(prev[comp[1], comp[2]])}
         if value_trigger is not None:
             table[key]["value_trigger_score"] = float(value_trigger[comp[1], comp[2]])
     if not hasattr(task, "corrupt") or "answer" not in meta:
@@ -321,10 +316,12 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
     heads = mech.get("heads", {})
     ind = [k for k, v in heads.items() if v["induction_score"] >= opts.head_threshold]
     if ind:
-        desc = ", ".join(f"{k} ({heads[k]['induction_score']:.3f}"
-                         + (f", patch restores {heads[k]['patch_restored']:.2f} [{heads[k]['patch_restored_ci'][0]:.2f}, "
-                            f"{heads[k]['patch_restored_ci'][1]:.2f}]" if "patch_restored" in heads[k] else "") + ")"
-                         for k in ind)
+        def head(k: str) -> str:
+            h = heads[k]
+            patch = (f", patch restores {h['patch_restored']:.2f} [{h['patch_restored_ci'][0]:.2f}, "
+                     f"{h['patch_restored_ci'][1]:.2f}]" if "patch_restored" in h else "")
+            return f"{k} ({h['induction_score']:.3f}{patch})"
+        desc = ", ".join(head(k) for k in ind)
         parts.append(f"Induction heads (query's attention on p + 1 >= {opts.head_threshold}): {desc}.")
     else:
         best = max(heads, key=lambda k: heads[k]["induction_score"]) if heads else None

@@ -38,7 +38,7 @@ import numpy as np
 from mamba_interp import comparison as C
 from mamba_interp.pipeline.companions import no_companions_reason, resolve_companions
 from mamba_interp.pipeline.context import StepContext, StepResult
-from mamba_interp.pipeline.profiles import PENDING, ModelProfile, ProfileSettings, family_profiles
+from mamba_interp.pipeline.profiles import PENDING, ModelProfile, ProfileSettings, check_options, family_profiles
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 
 
@@ -57,11 +57,8 @@ class Options:
     """Random rotations per MPPC / MMCS null."""
 
     def __post_init__(self) -> None:
-        self.profile_settings(0)  # validates the shared fields
-        for name in ("bootstrap", "rotations"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
+        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps", "bootstrap",
+                             "rotations"))
 
     def profile_settings(self, seed: int) -> ProfileSettings:
         return ProfileSettings(self.sequences, tuple(self.length_multiples), self.long_sequences, self.sae_expansion,
@@ -166,6 +163,12 @@ def _figure(ctx: StepContext, results: dict[str, dict]) -> None:
     ctx.save_figure(fig, "cka_across_models")
 
 
+def _fmt(q: dict[str, Any], null: str) -> str:
+    verdict = "every pair beats it" if q["recurs"] else "not every pair beats it"
+    null_mean = "n/a" if q["null_mean"] is None else f"{q['null_mean']:.3f}"
+    return f"{q['value']:.3f} [{q['ci'][0]:.3f}, {q['ci'][1]:.3f}] vs {null} {null_mean} ({verdict})"
+
+
 def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
     parts = [f"{len(profiles)} models of the family measured on the same {profiles[0].streams[0].shape[0]} tokens."]
     for g in ("seeds", "sizes"):
@@ -173,14 +176,10 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
         if not res:
             continue
         s = res["summary"]
-        rep, mp, mm = s["representations_cka_last"], s["features_mppc"], s["features_mmcs"]
-        parts.append(
-            f"Across {g} ({rep['n_pairs']} pairs): last-stream CKA {rep['value']:.3f} [{rep['ci'][0]:.3f}, "
-            f"{rep['ci'][1]:.3f}] vs random-init {rep['null_mean']:.3f} ({'above it in every pair' if rep['recurs'] else 'not above it in every pair'}); "
-            f"SAE-feature MPPC {mp['value']:.3f} [{mp['ci'][0]:.3f}, {mp['ci'][1]:.3f}] vs rotation null "
-            f"{mp['null_mean']:.3f} ({'p < 0.05 in every pair' if mp['recurs'] else 'not significant in every pair'}); "
-            f"decoder MMCS after Procrustes {mm['value']:.3f} [{mm['ci'][0]:.3f}, {mm['ci'][1]:.3f}] vs "
-            f"{mm['null_mean']:.3f} for random rotations.")
+        parts.append(f"Across {g} ({s['representations_cka_last']['n_pairs']} pairs): last-stream CKA "
+                     f"{_fmt(s['representations_cka_last'], 'random-init model')}; SAE-feature MPPC "
+                     f"{_fmt(s['features_mppc'], 'rotation null')}; decoder MMCS after Procrustes "
+                     f"{_fmt(s['features_mmcs'], 'random rotations')}.")
     parts.append("Intervals are t-intervals over pairs, which share models (optimistic). Not measured yet: "
                  + "; ".join(PENDING) + ".")
     return " ".join(parts)
