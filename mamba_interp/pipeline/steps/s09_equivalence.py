@@ -34,7 +34,8 @@ this build), and step 8's temporal Jacobian (``cross_model.input_influence`` is 
 Metrics: ``transformer``, ``cka`` (``matrix``, ``ci``, ``p_value``, ``null_mean``, ``rms_normalised``,
 ``best_match``), ``transformer_heads`` (``{"L.H": {"induction_score", "prev_token_score", "value_trigger_score",
 "patch_restored", "patch_restored_ci", "prev_info_restored"}}``), ``induction_heads``, ``previous_token_heads``,
-``previous_token_supplier``, ``components`` (attention/MLP patches), ``length`` (per model and length: accuracy,
+``previous_token_supplier``, ``components`` (attention/MLP patches), ``answer_location`` (the residual stream
+after each block restored at p + 1 or at the query: where the transformer keeps the answer), ``length`` (per model and length: accuracy,
 top-source hit with CI, answer share, influence by distance), ``features`` (MPPC both ways with nulls, baseline,
 skyline). Files: ``cka.json``, ``head_scores.safetensors``, ``influence.safetensors``.
 """
@@ -190,6 +191,15 @@ def transformer_mechanism(baseline: Any, batch: Any, task: Any, opts: Options, s
             components[AH.component_label(comp)] = {"answer_swap_restored": est.to_dict()}
     out["answer_swap"] = {"clean_logit_diff": float(swap["clean"].mean()),
                           "corrupt_logit_diff": float(swap["corrupt"].mean())}
+    if has_positions:  # where the answer is stored: the residual stream after each block, at p + 1 or at the query
+        blocks = [("block", layer) for layer in range(n_layer)]
+        where: dict[str, Any] = {}
+        for pos_name in ("value_pos", "query_pos"):
+            res = AH.patch_components(baseline, batch.tokens, corrupt.tokens, _logit_diff(
+                meta["answer"], corrupt.metadata["answer"]), blocks, positions=meta[pos_name])
+            where[pos_name] = {f"block{c[1]}": AH.restored_fraction(res["patched"][c], res["clean"], res["corrupt"],
+                                                                     opts.bootstrap, seed).to_dict() for c in blocks}
+        out["answer_location"] = where
     if has_positions:
         ind_layer = max(range(n_layer), key=lambda layer: float(ind[layer].max()))
         below = [c for c in heads if c[1] < ind_layer] + [c for c in layers if c[1] < ind_layer]
@@ -312,7 +322,9 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
     parts = [f"Mamba {m_name!r} vs transformer {t_name!r} on {cka['n_sequences']} shared sequences "
              f"({cka['n_tokens']} tokens). Debiased linear CKA of the last Mamba stream peaks at transformer stream "
              f"{j}: {mat[last, j]:.3f} [{cka['ci_low'][last][j]:.3f}, {cka['ci_high'][last][j]:.3f}] against a "
-             f"sequence-permutation null of {cka['null_mean'][last][j]:.3f} (p = {cka['p_value'][last][j]:.3g})."]
+             f"sequence-permutation null of {cka['null_mean'][last][j]:.3f} (p = {cka['p_value'][last][j]:.3g}); "
+             f"the highest cell is Mamba stream {np.unravel_index(mat.argmax(), mat.shape)[0]} vs transformer "
+             f"stream {np.unravel_index(mat.argmax(), mat.shape)[1]} ({mat.max():.3f})."]
     heads = mech.get("heads", {})
     ind = [k for k, v in heads.items() if v["induction_score"] >= opts.head_threshold]
     if ind:
@@ -333,17 +345,30 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
         e = layer_attn["answer_swap_restored"]
         parts.append(f"Patching all of layer {mech['induction_layer']}'s attention restores {e['value']:.2f} "
                      f"[{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] of the logit difference.")
+    where = mech.get("answer_location")
+    if where:
+        first = "block0"
+        v, q = where["value_pos"][first], where["query_pos"][first]
+        parts.append(f"The answer lives in the residual stream at p + 1: restoring the stream after block 0 there "
+                     f"restores {v['value']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}] of the logit difference, at the "
+                     f"query only {q['value']:.2f}; attention moves it to the query.")
     sup = mech.get("previous_token_supplier")
     if sup:
         prev_heads = mech.get("previous_token_heads") or []
         how = (f"previous-token head(s) {', '.join(prev_heads)} (score >= {opts.head_threshold})" if prev_heads else
                f"no head has a previous-token score >= {opts.head_threshold} (best "
                f"{max(v['prev_token_score'] for v in heads.values()):.3f})")
-        parts.append(f"Previous-token information: {how}; patched at p + 1 after removing the first trigger, "
-                     f"{sup['component']} restores {sup['restored']:.2f} [{sup['ci'][0]:.2f}, {sup['ci'][1]:.2f}] of "
-                     f"the answer's log-probability, so it supplies 'the token before p + 1 was the trigger'"
-                     + (f" (its attention from p + 1 to p is {sup['value_trigger_score']:.3f})"
-                        if sup.get("value_trigger_score") is not None else "") + ".")
+        name = f"head {sup['component']}" if "." in sup["component"] else sup["component"]
+        attends = (f" (its attention from p + 1 to p is {sup['value_trigger_score']:.3f})"
+                   if sup.get("value_trigger_score") is not None else "")
+        others = [f"head {k} {v['prev_info_restored']:.2f}" for k, v in heads.items()
+                  if "prev_info_restored" in v and k != sup["component"]]
+        others += [f"{k} {v['prev_info_restored']['value']:.2f}" for k, v in mech.get("components", {}).items()
+                   if "prev_info_restored" in v and k != sup["component"]]
+        parts.append(f"Previous-token information: {how}; patched at p + 1 after removing the first trigger, {name} "
+                     f"restores {sup['restored']:.2f} [{sup['ci'][0]:.2f}, {sup['ci'][1]:.2f}] of the answer's "
+                     f"log-probability{attends}, so it supplies 'the token before p + 1 was the trigger' (others: "
+                     f"{', '.join(others)}).")
     acc = {name: {k: v["accuracy"] for k, v in rows.items()} for name, rows in length.items()}
     longest = f"{max(opts.length_multiples)}x"
     if all(longest in a for a in acc.values()):
@@ -386,8 +411,10 @@ def run(ctx: StepContext) -> StepResult:
     mech["previous_token_heads"] = [k for k, v in heads.items() if v["prev_token_score"] >= opts.head_threshold]
     cands = {k: (v["prev_info_restored"], v["prev_info_restored_ci"], v.get("value_trigger_score"))
              for k, v in heads.items() if "prev_info_restored" in v}
+    # single components only (heads and MLPs): a whole attention layer is their sum, reported beside them
     cands.update({k: (v["prev_info_restored"]["value"], v["prev_info_restored"]["ci"], None)
-                  for k, v in mech.get("components", {}).items() if "prev_info_restored" in v})
+                  for k, v in mech.get("components", {}).items() if "prev_info_restored" in v
+                  and not k.startswith("attn")})
     if cands:
         best = max(cands, key=lambda k: cands[k][0])
         mech["previous_token_supplier"] = {"component": best, "restored": cands[best][0], "ci": cands[best][1],
@@ -413,6 +440,7 @@ def run(ctx: StepContext) -> StepResult:
         "induction_layer": mech.get("induction_layer"),
         "components": mech.get("components", {}),
         "patching": {k: mech[k] for k in ("answer_swap", "trigger_removal") if k in mech},
+        "answer_location": mech.get("answer_location"),
         "length": length,
         "features": feats,
         "mamba_circuit": None,
