@@ -27,7 +27,6 @@ from torch import nn
 from mamba_interp.pipeline.config import UsageError
 from mamba_interp.pipeline.model_source import ModelSource, import_zoo, task_from_card
 
-ROLES = ("seed", "size", "transformer", "other")
 # model_config keys that describe the training seed or bookkeeping, not the architecture (two seeds of one recipe
 # differ in none of the others)
 _SIZE_KEYS = ("arch", "d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "vocab_size",

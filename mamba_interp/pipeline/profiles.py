@@ -102,16 +102,12 @@ def _tokens_key(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(model: nn.Module) -> str:
-    return model.fingerprint()
-
-
 def model_profile(model: nn.Module, task: Any, batch: Any, heldout: Any, settings: ProfileSettings, name: str,
                   role: str, seed: int | None = None, batch_size: int = 64) -> ModelProfile:
     """Measure ``model`` (see the module docstring); cached in memory for the run's process."""
     batch = batch.select(slice(0, settings.sequences))
     heldout = heldout.select(slice(0, settings.sequences))
-    key = (_fingerprint(model), settings, _tokens_key(batch.tokens, heldout.tokens))
+    key = (model.fingerprint(), settings, _tokens_key(batch.tokens, heldout.tokens))
     if key in _CACHE:
         cached = _CACHE[key]
         if cached.name == name and cached.role == role:
