@@ -158,6 +158,6 @@ def resolve_companions(source: ModelSource, compare: Sequence[str] = ()) -> list
 
 def no_companions_reason(source: ModelSource, wanted: str) -> str:
     """The skip reason of a cross-model step that found no companion of the kind it needs."""
-    how = ("its zoo family has none" if source.kind == "zoo" else f"a {source.kind} model has companions only "
-           "through --compare")
+    how = ("the zoo has none for this model" if source.kind == "zoo"
+           else f"a {source.kind} model has companions only through --compare")
     return f"no {wanted} to compare with ({how}); name some with --compare MODEL[,MODEL...]"
