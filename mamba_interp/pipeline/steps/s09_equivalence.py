@@ -35,9 +35,10 @@ Metrics: ``transformer``, ``cka`` (``matrix``, ``ci``, ``p_value``, ``null_mean`
 ``best_match``), ``transformer_heads`` (``{"L.H": {"induction_score", "prev_token_score", "value_trigger_score",
 "patch_restored", "patch_restored_ci", "prev_info_restored"}}``), ``induction_heads``, ``previous_token_heads``,
 ``previous_token_supplier``, ``components`` (attention/MLP patches), ``answer_location`` (the residual stream
-after each block restored at p + 1 or at the query: where the transformer keeps the answer), ``length`` (per model and length: accuracy,
-top-source hit with CI, answer share, influence by distance), ``features`` (MPPC both ways with nulls, baseline,
-skyline). Files: ``cka.json``, ``head_scores.safetensors``, ``influence.safetensors``.
+after each block restored at p + 1 or at the query: where the transformer keeps the answer), ``length`` (per model
+and length: accuracy with CI, top-source hit with CI, answer share, influence by distance),
+``card_accuracy_by_seq_len`` (both zoo cards' reference numbers), ``features`` (MPPC both ways with nulls,
+baseline, skyline). Files: ``cka.json``, ``head_scores.safetensors``, ``influence.safetensors``.
 """
 
 from __future__ import annotations
@@ -233,11 +234,12 @@ def influence_at_lengths(models: dict[str, Any], task: Any, opts: Options, seed:
         for name, model in models.items():
             if XM.is_transformer(model) and length > model.n_positions:
                 continue
-            acc = XM.length_curve(model, task, [length], opts.long_sequences, seed + mult)[length]
+            scores = XM.example_scores(model, batch, batch_size)
             infl = XM.input_influence(model, batch, batch_size=max(1, batch_size // mult))
             summ = XM.influence_summary(infl, batch)
-            row = {"accuracy": acc["accuracy"], "loss": acc["loss"], "n": acc["n"],
-                   "by_distance": summ["by_distance"]}
+            row = {"accuracy": float(scores["hits"].sum() / max(scores["scored"].sum(), 1)),
+                   "accuracy_ci": list(estimate(scores["correct"], seed=seed).ci),
+                   "loss": float(scores["loss"].mean()), "n": len(batch), "by_distance": summ["by_distance"]}
             if "top_source_hit" in summ:
                 row["top_source_hit"] = estimate(summ.pop("top_source_hit_per_example"), seed=seed).to_dict()
                 row["answer_share"] = estimate(summ.pop("answer_share_per_example"), seed=seed).to_dict()
@@ -314,7 +316,8 @@ def _figures(ctx: StepContext, cka: dict, mech: dict, length: dict, names: tuple
     ctx.save_figure(fig, "influence")
 
 
-def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats: dict, opts: Options) -> str:
+def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats: dict, opts: Options,
+             card_acc: dict[str, dict], task_len: int) -> str:
     m_name, t_name = names
     mat = np.array(cka["matrix"])
     last = mat.shape[0] - 1
@@ -375,10 +378,16 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
         hits = []
         for name, rows in length.items():
             hit = rows[longest].get("top_source_hit")
-            hits.append(f"{name} {rows[longest]['accuracy']:.3f}" + (
+            ci = rows[longest]["accuracy_ci"]
+            hits.append(f"{name} {rows[longest]['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" + (
                 f" (top-source hit {hit['value']:.2f} [{hit['ci'][0]:.2f}, {hit['ci'][1]:.2f}] vs "
                 f"{rows['1x']['top_source_hit']['value']:.2f} at 1x)" if hit and "1x" in rows else ""))
-        parts.append(f"At {longest} the training length, accuracy: {'; '.join(hits)}.")
+        parts.append(f"At {longest} the training length ({opts.long_sequences} sequences), accuracy: "
+                     f"{'; '.join(hits)}.")
+        cards = {n: c.get(str(16 * task_len)) for n, c in card_acc.items() if c}
+        if len(cards) == 2 and all(v is not None for v in cards.values()):
+            parts.append("The zoo cards (1000 sequences at 16x) report " + " vs ".join(
+                f"{n} {v:.3f}" for n, v in cards.items()) + ".")
     if "mppc_mamba_to_transformer" in feats:
         a, b = feats["mppc_mamba_to_transformer"], feats["mppc_transformer_to_mamba"]
         parts.append(f"SAE features: MPPC Mamba→transformer {a['observed']:.3f} (rotation null {a['null_mean']:.3f}, "
@@ -429,8 +438,11 @@ def run(ctx: StepContext) -> StepResult:
     ctx.save_json("cka", cka)
     ctx.save_tensors("head_scores", {k: v.contiguous() for k, v in mech["scores"].items()})
     ctx.save_tensors("influence", infl)
+    card_acc = {ctx.source.name: (ctx.source.card or {}).get("accuracy_by_seq_len"),
+                comp.name: comp.card.get("accuracy_by_seq_len")}
     metrics = {
         "transformer": comp.describe(),
+        "card_accuracy_by_seq_len": card_acc,
         "cka": {k: cka[k] for k in ("matrix", "ci_low", "ci_high", "p_value", "null_mean", "rms_normalised",
                                     "best_match", "n_tokens", "n_sequences", "null")},
         "transformer_heads": mech.get("heads", {}),
@@ -446,5 +458,6 @@ def run(ctx: StepContext) -> StepResult:
         "mamba_circuit": None,
         "pending": ["the Mamba circuit of step 5 (circuits module not in this build)"],
     }
-    return StepResult(metrics=metrics, reading=_reading(names, cka, mech, length, feats, opts),
+    reading = _reading(names, cka, mech, length, feats, opts, card_acc, task.seq_len)
+    return StepResult(metrics=metrics, reading=reading,
                       data={"transformer": comp, "cka": cka, "mechanism": mech})
