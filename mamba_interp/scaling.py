@@ -11,6 +11,7 @@ say. Points at the same size (e.g. several seeds) are separate samples; the fit 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +80,10 @@ def power_law_fit(sizes: Sequence[float], samples: Sequence[Any], statistic: Cal
         def slope_of(*idx: np.ndarray) -> float:
             return loglog_slope(sizes_arr, [statistic(d[i.astype(np.int64)]) for d, i in zip(data, idx)])[0]
 
-        res = stats.bootstrap(rows, slope_of, vectorized=False, paired=False, n_resamples=n_resamples,
-                              confidence_level=confidence,
-                              method="percentile", rng=np.random.default_rng(seed))
+        with warnings.catch_warnings():
+            # resamples that reach a zero value give NaN slopes: the CI is then NaN (reported), not a warning
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            res = stats.bootstrap(rows, slope_of, vectorized=False, paired=False, n_resamples=n_resamples,
+                                  confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return PowerLawFit(slope, float(np.exp(intercept)), r2, lo, hi, int(sizes_arr.size), n_sizes)

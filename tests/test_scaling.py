@@ -48,3 +48,13 @@ def test_ratio_statistic_on_two_column_samples():
     samples = [np.column_stack([n**-0.3 * rng.uniform(0.5, 1.5, 200), rng.uniform(0.5, 1.5, 200)]) for n in SIZES]
     fit = power_law_fit(SIZES, samples, statistic=lambda s: s[:, 0].sum() / s[:, 1].sum(), n_resamples=200)
     assert fit.ci_low < fit.exponent < fit.ci_high and abs(fit.exponent + 0.3) < 0.1
+
+
+def test_ci_is_nan_without_a_warning_when_resamples_reach_zero():
+    import warnings
+
+    samples = [np.array([1.0] * 5 + [0.0] * 5), np.array([1.0] + [0.0] * 9), np.array([1.0] + [0.0] * 19)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = power_law_fit(SIZES, samples, n_resamples=50)
+    assert np.isfinite(fit.exponent) and np.isnan(fit.ci_low)
