@@ -346,8 +346,8 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
     layer_attn = mech.get("components", {}).get(f"attn{mech.get('induction_layer', -1)}", {})
     if "answer_swap_restored" in layer_attn:
         e = layer_attn["answer_swap_restored"]
-        parts.append(f"Patching all of layer {mech['induction_layer']}'s attention restores {e['value']:.2f} "
-                     f"[{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] of the logit difference.")
+        parts.append(f"Patching all of layer {mech['induction_layer']}'s attention (its heads together) restores "
+                     f"{e['value']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] of the logit difference.")
     where = mech.get("answer_location")
     if where:
         first = "block0"
