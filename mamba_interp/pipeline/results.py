@@ -2,20 +2,20 @@
 
 ``result.json`` is written atomically, only when the step ends, so a run killed mid-step leaves no result that
 looks complete. :meth:`ResultStore.matching` reads a result back for ``--resume``: it is reused only when it is
-``completed`` for the same result-relevant config (``RunConfig.result_key``), model fingerprint, step version and
-layers.
+``completed`` and its ``result_key`` is the step's key in this run (``resume_key.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mamba_interp.pipeline.registry import Step
+from mamba_interp.pipeline.resume_key import ResumeKeys, options_dict, stale_parts
 from mamba_interp.utils.io import atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mamba_interp.pipeline.context import StepContext, StepResult
 
 MANIFEST_FORMAT = "mamba_interp.run/1"
+
+logger = logging.getLogger("mamba_interp.pipeline")
 
 
 def now() -> str:
@@ -66,37 +68,43 @@ class RunSummary:
         return 1 if self.failed else 0
 
 
-def options_dict(options: Any) -> dict[str, Any] | None:
-    if options is None:
-        return None
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
-
-
 class ResultStore:
-    """The ``step_NN_<name>/result.json`` files of one run (its config, model fingerprint and layers)."""
+    """The ``step_NN_<name>/result.json`` files of one run, and what makes a stored one reusable."""
 
-    def __init__(self, out_dir: Path, config: RunConfig, fingerprint: str, layers: tuple[int, ...]) -> None:
+    def __init__(self, out_dir: Path, config: RunConfig, fingerprint: str, layers: tuple[int, ...],
+                 keys: ResumeKeys) -> None:
         self.out_dir = out_dir
         self.config = config
         self.fingerprint = fingerprint
         self.layers = layers
+        self.keys = keys
 
     def path(self, step: Step) -> Path:
         return self.out_dir / step.folder_name / "result.json"
 
-    def matching(self, step: Step) -> dict[str, Any] | None:
-        """The step's completed ``result.json`` if it was computed for this config, model and step version."""
-        path = self.path(step)
-        if not path.is_file():
-            return None
+    def read(self, step: Step) -> dict[str, Any] | None:
+        """The step's ``result.json`` as a dict; None when it is missing or unreadable."""
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = json.loads(self.path(step).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
-        ok = (data.get("status") == "completed" and data.get("result_key") == self.config.result_key()
-              and data.get("model_fingerprint") == self.fingerprint and data.get("step_version") == step.version
-              and data.get("layers") == list(self.layers))
-        return data if ok else None
+        return data if isinstance(data, dict) else None
+
+    def belongs(self, step: Step, data: dict[str, Any] | None) -> bool:
+        """Whether a stored result (any status) was computed for exactly what this run gives the step."""
+        return data is not None and data.get("result_key") == self.keys.key(step)
+
+    def matching(self, step: Step) -> dict[str, Any] | None:
+        """The step's completed ``result.json`` if its key is the step's key in this run."""
+        data = self.read(step)
+        if data is None:
+            return None
+        if data.get("status") == "completed" and self.belongs(step, data):
+            return data
+        if data.get("status") == "completed":
+            logger.info("%s: result.json is stale (changed: %s)", step.label,
+                        ", ".join(stale_parts(data.get("key_inputs"), self.keys.inputs(step))) or "?")
+        return None
 
     def write(self, step: Step, status: str, started: str, duration: float, result: StepResult | None,
               ctx: StepContext | None, fallbacks: list[dict], device: torch.device, error: dict | None = None,
@@ -114,14 +122,15 @@ class ResultStore:
             "started_at": started,
             "finished_at": now(),
             "config": self.config.to_dict(),
-            "result_key": self.config.result_key(),
+            "result_key": self.keys.key(step),
+            "key_inputs": self.keys.inputs(step),
             "model_fingerprint": self.fingerprint,
             "step_version": step.version,
             "requires": list(step.requires),
             "layers": list(self.layers),
-            "options": options_dict(ctx.options if ctx else None),
+            "options": options_dict(self.keys.options.get(step.number)),
             "device": str(ctx.device) if ctx else str(device),
-            "batch_size": ctx.batch_size if ctx else self.config.batch_size,
+            "batch_size": ctx._batch_size if ctx else self.config.batch_size,
             "fallbacks": fallbacks,
             "metrics": result.metrics if result else {},
             "artifacts": artifacts,

@@ -14,21 +14,31 @@ Guarantees:
   before anything is written; failures are :class:`UsageError`.
 * A step folder is emptied when its step starts, and ``result.json`` is written atomically only when the step
   ends, so a run killed mid-step leaves no result that looks complete; ``--resume`` re-runs it.
-* ``--resume`` skips a step whose ``result.json`` is ``completed`` for the same result-relevant config
-  (``RunConfig.result_key``), model fingerprint and step version.
+* ``--resume`` skips a step whose ``result.json`` is ``completed`` with the step's resume key in this run (the
+  config fields it reads, its options and version, the model and its task, card and tokenizer, and the keys of the
+  steps it requires; ``resume_key.py``).
+* One run per output folder: ``OUT/run.lock`` is held from :meth:`Runner.prepare` to :meth:`Runner.close`; a second
+  run into the folder is a :class:`UsageError` naming the first.
+* What an earlier run with another configuration left (``step_*`` entries whose ``result.json`` does not carry this
+  run's key for that step, or cannot be read, or a file where a step folder belongs) is moved, with the old
+  manifest and report, to ``OUT/stale/<timestamp>/`` before the run writes; nothing is deleted.
 * A failing step is recorded (``status: failed`` with the error) and the run goes on; steps that require it
-  are recorded as ``skipped`` with the reason.
+  are recorded as ``skipped`` with the reason. Filesystem errors while preparing a step's folder or writing its
+  result are that step's failure too.
+* Ctrl-C and SIGTERM (``interrupts.py``) record the running step and the run as ``interrupted``.
 * CUDA out-of-memory inside a step: retried with half the batch (twice), then on CPU; each fallback is recorded
   in ``result.json["fallbacks"]``.
 
-The pieces live in their own modules: ``output_folder.py`` (checks on ``OUT``), ``results.py`` (records,
-``result.json`` and the resume match), ``fallback.py`` (the out-of-memory retries).
+The pieces live in their own modules: ``output_folder.py`` (checks on ``OUT``, the lock, stale leftovers),
+``results.py`` (records, ``result.json`` and the resume match), ``resume_key.py`` (what a step's key covers),
+``fallback.py`` (the out-of-memory retries).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import shutil
 import sys
 import time
@@ -41,10 +51,11 @@ import torch
 
 from mamba_interp.pipeline import environment as env
 from mamba_interp.pipeline.config import RunConfig, UsageError
-from mamba_interp.pipeline.context import StepContext, StepResult
+from mamba_interp.pipeline.context import ConfigView, StepContext, StepResult
 from mamba_interp.pipeline.fallback import OOMFallback
+from mamba_interp.pipeline.interrupts import describe as describe_interrupt
 from mamba_interp.pipeline.model_source import ModelSource, load_model_source
-from mamba_interp.pipeline.output_folder import check_output_folder, make_output_folder
+from mamba_interp.pipeline.output_folder import RunLock, check_output_folder, make_output_folder, move_to_stale
 from mamba_interp.pipeline.registry import (
     Step,
     StepSkipped,
@@ -61,6 +72,7 @@ from mamba_interp.pipeline.results import (
     first_line,
     now,
 )
+from mamba_interp.pipeline.resume_key import ResumeKeys
 from mamba_interp.utils.io import atomic_write_json
 
 __all__ = ["Runner", "RunSummary", "StepRecord", "print_line"]
@@ -87,6 +99,7 @@ class Runner:
         self.data: dict[int, dict[str, Any]] = {}
         self.records: dict[int, StepRecord] = {}
         self._log_handler: logging.Handler | None = None
+        self._lock: RunLock | None = None
         self._manifest_created = now()
         self._status = "running"
 
@@ -107,11 +120,12 @@ class Runner:
                 get_step(n)  # raises UsageError naming the implemented steps
             self.selected = list(cfg.steps)
         self.planned = with_requirements(self.selected)
-        self.options = {n: steps[n].make_options(cfg.step_options.get(steps[n].name)) for n in self.planned}
         known_names = {s.name for s in steps.values()}
         unknown = sorted(set(cfg.step_options) - known_names)
         if unknown:
             raise UsageError(f"step_options names unknown step {unknown[0]!r}; steps: {', '.join(sorted(known_names))}")
+        # every step's options, run or not: a typo must not be stored in the run's config as if it were used
+        self.options = {n: s.make_options(cfg.step_options.get(s.name)) for n, s in steps.items()}
         if self.source is None:
             self.source = load_model_source(cfg.model, task=cfg.task, dtype=None)
         model = self.source.model
@@ -148,20 +162,55 @@ class Runner:
         check_output_folder(self.out_dir)
         # validation is over: from here on the run may write
         make_output_folder(self.out_dir)
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        model.to(device=self.device, dtype=self.dtype).eval()
-        self.fingerprint = model.fingerprint()
-        self.store = ResultStore(self.out_dir, cfg, self.fingerprint, self.layers)
-        self._environment = {"versions": env.library_versions(), "platform": env.platform_info(),
-                             "git": env.git_revision()}
-        self.records = {n: StepRecord(steps[n]) for n in self.planned}
-        self._attach_log()
-        self.prepared = True
-        logger.info("run prepared: model %s (%s), device %s, layers %s, steps %s, output %s", self.source.name,
-                    self.fingerprint, self.device, list(self.layers), self.planned, self.out_dir)
-        self.write_manifest()
+        self._lock = RunLock(self.out_dir)
+        self._lock.acquire(" ".join(self.argv) if self.argv else f"python (pid {os.getpid()})")
+        try:
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)
+            model.to(device=self.device, dtype=self.dtype).eval()
+            self.fingerprint = model.fingerprint()
+            self.keys = ResumeKeys(cfg, self.options, self.fingerprint, self.layers, self.source)
+            self.store = ResultStore(self.out_dir, cfg, self.fingerprint, self.layers, self.keys)
+            self._environment = {"versions": env.library_versions(), "platform": env.platform_info(),
+                                 "git": env.git_revision()}
+            self.records = {n: StepRecord(steps[n]) for n in self.planned}
+            self._attach_log()
+            if self._lock.took_over:
+                logger.warning("took over the lock of an earlier run that is no longer running: %s",
+                               self._lock.took_over)
+            self._set_aside_stale()
+            self.prepared = True
+            logger.info("run prepared: model %s (%s), device %s, layers %s, steps %s, output %s", self.source.name,
+                        self.fingerprint, self.device, list(self.layers), self.planned, self.out_dir)
+            self.write_manifest()
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    def _set_aside_stale(self) -> None:
+        """Move ``step_*`` entries that are not this configuration's results (see the module docstring) to
+        ``OUT/stale/<timestamp>/``, with the manifest and report that described them."""
+        by_folder = {s.folder_name: s for s in all_steps().values()}
+        stale = []
+        for entry in sorted(self.out_dir.glob("step_*")):
+            step = by_folder.get(entry.name)
+            if entry.is_symlink() or not entry.is_dir():
+                stale.append(entry.name)
+            elif os.path.lexists(entry / "result.json") and (
+                    step is None or not self.store.belongs(step, self.store.read(step))):
+                stale.append(entry.name)
+        if not stale:
+            return
+        extra = [f for f in ("manifest.json", "report.html") if (self.out_dir / f).is_file()]
+        target, failed = move_to_stale(self.out_dir, stale + extra)
+        moved = [n for n in stale if n not in failed]
+        if moved:
+            self.echo(f"moved {len(moved)} result folder(s) of an earlier run with another configuration to {target}")
+            logger.warning("moved %s (another configuration's results) to %s", ", ".join(moved), target)
+        if failed:
+            logger.warning("could not move %s to %s; a step that needs the place will fail", ", ".join(failed),
+                           target)
 
     def _default_output(self) -> Path:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -183,13 +232,22 @@ class Runner:
         self._log_handler = handler
 
     def close(self) -> None:
-        """Detach the log file (the runner stays usable for reading results)."""
+        """Detach the log file and release the output folder (the runner stays usable for reading results)."""
         if self._log_handler is not None:
             root = logging.getLogger("mamba_interp")
             root.removeHandler(self._log_handler)
             root.setLevel(self._log_level)
             self._log_handler.close()
             self._log_handler = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ---- manifest and results ---------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -201,21 +259,17 @@ class Runner:
             "updated_at": now(),
             "command": self.argv,
             "config": self.config.to_dict(),
-            "result_key": self.config.result_key(),
             "seed": self.config.seed,
             **self._environment,
             "device": env.device_info(self.device),
             "dtype": self.config.dtype,
             "model": {**src.describe(), "fingerprint": self.fingerprint},
             "layers": list(self.layers),
-            "steps": [r.to_json() for r in self.records.values()],
+            "steps": [r.to_json() | {"result_key": self.keys.key(r.step)} for r in self.records.values()],
         }
 
     def write_manifest(self) -> None:
         atomic_write_json(self.out_dir / "manifest.json", self.manifest())
-
-    def _matching_result(self, step: Step) -> dict[str, Any] | None:
-        return self.store.matching(step)
 
     def _write_result(self, step: Step, status: str, started: str, duration: float, result: StepResult | None,
                       ctx: StepContext | None, fallbacks: list[dict], error: dict | None = None,
@@ -231,8 +285,6 @@ class Runner:
         planned = with_requirements(selected)
         for n in planned:
             self.records.setdefault(n, StepRecord(get_step(n)))
-            if n not in self.options:
-                self.options[n] = get_step(n).make_options(self.config.step_options.get(get_step(n).name))
         self._status = "running"
         self.write_manifest()
         try:
@@ -242,6 +294,10 @@ class Runner:
             self._status = "interrupted"
             self.write_manifest()
             self._write_report()
+            raise
+        except BaseException:
+            self._status = "failed"  # an error of the runner itself, outside any step: say so, not "running"
+            self.write_manifest()
             raise
         self.refresh_status()
         report = self._write_report()
@@ -272,7 +328,7 @@ class Runner:
             self._record_skip(step, reason)
             return
         if reuse_ok:
-            previous = self._matching_result(step)
+            previous = self.store.matching(step)
             if previous is not None:
                 self.results[step.number] = StepResult(previous.get("metrics", {}), previous.get("reading", ""),
                                                        previous.get("artifacts", []))
@@ -290,7 +346,7 @@ class Runner:
             if r in self.data:
                 continue
             req = get_step(r)
-            if req.load is not None and self._matching_result(req) is not None:
+            if req.load is not None and self.store.matching(req) is not None:
                 ctx = self._context(req, self.device, self.config.batch_size)
                 logger.info("%s: loading the data of %s from its folder", step.label, req.label)
                 try:
@@ -307,8 +363,9 @@ class Runner:
     def _context(self, step: Step, device: torch.device, batch_size: int) -> StepContext:
         seed = env.step_seed(self.config.seed, step.number)
         return StepContext(
-            step=step, config=self.config, model=self.source.model, device=device, dtype=self.dtype, seed=seed,
-            batch_size=batch_size, out_dir=self.out_dir / step.folder_name, source=self.source, layers=self.layers,
+            step=step, config=ConfigView(self.config, step), model=self.source.model, device=device, dtype=self.dtype,
+            seed=seed, _batch_size=batch_size, out_dir=self.out_dir / step.folder_name, source=self.source,
+            _layers=self.layers,
             results=self.results, log=logging.getLogger(f"mamba_interp.pipeline.{step.folder_name}"),
             options=self.options.get(step.number), _data=self.data,
         )
@@ -326,12 +383,11 @@ class Runner:
         record = self.records.setdefault(step.number, StepRecord(step))
         record.status, record.resumed, record.reason = "running", False, None
         self.write_manifest()
-        self._fresh_folder(step)
         started, t0 = now(), time.perf_counter()
         ctx: StepContext | None = None
         fallback = OOMFallback(self.device, self.config.batch_size)
-        fallbacks = fallback.taken
         try:
+            self._fresh_folder(step)
             self._ensure_inputs(step)
             while True:
                 env.seed_everything(env.step_seed(self.config.seed, step.number))
@@ -354,40 +410,52 @@ class Runner:
             if not isinstance(result, StepResult):
                 raise TypeError(f"{step.label} returned {type(result).__name__}; return a StepResult")
         except StepSkipped as exc:
-            self._restore_device()
-            duration = time.perf_counter() - t0
-            self._write_result(step, "skipped", started, duration, None, ctx, fallbacks, reason=str(exc))
-            record.status, record.duration_s, record.reason = "skipped", round(duration, 3), str(exc)
-            self.echo(f"step {step.number:>2} {step.name:<14} skipped: {exc}")
-            logger.info("%s skipped: %s", step.label, exc)
-            self.write_manifest()
+            self._finish(step, "skipped", started, t0, ctx, fallback.taken, reason=str(exc))
             return
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self._restore_device()
-            record.status, record.reason = "interrupted", "interrupted by the user"
-            logger.warning("%s interrupted; no result.json written (rerun with --resume)", step.label)
+            record.status, record.reason = "interrupted", describe_interrupt(exc)
+            logger.warning("%s %s; no result.json written (rerun with --resume)", step.label, record.reason)
             raise
         except Exception as exc:
-            self._restore_device()
-            duration = time.perf_counter() - t0
             tb = traceback.format_exc()
-            error = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
-            self._write_result(step, "failed", started, duration, None, ctx, fallbacks, error=error)
-            record.status, record.duration_s = "failed", round(duration, 3)
-            record.reason = f"{type(exc).__name__}: {first_line(exc)}"
             logger.error("%s failed:\n%s", step.label, tb)
-            self.echo(f"step {step.number:>2} {step.name:<14} FAILED: {record.reason} (traceback in run.log)")
-            self.write_manifest()
+            error = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+            self._finish(step, "failed", started, t0, ctx, fallback.taken, error=error,
+                         reason=f"{type(exc).__name__}: {first_line(exc)}")
             return
+        self._finish(step, "completed", started, t0, ctx, fallback.taken, result=result)
+
+    def _finish(self, step: Step, status: str, started: str, t0: float, ctx: StepContext | None,
+                fallbacks: list[dict], result: StepResult | None = None, error: dict | None = None,
+                reason: str | None = None) -> None:
+        """Record the end of a step: ``result.json`` (a failure to write it fails the step), record, manifest."""
         self._restore_device()
         duration = time.perf_counter() - t0
-        self.results[step.number] = result
-        self.data[step.number] = result.data
-        self._write_result(step, "completed", started, duration, result, ctx, fallbacks)
-        record.status, record.duration_s = "completed", round(duration, 3)
-        note = f" [{len(fallbacks)} OOM fallback(s)]" if fallbacks else ""
-        self.echo(f"step {step.number:>2} {step.name:<14} completed in {duration:6.1f} s{note}")
-        logger.info("%s completed in %.2f s", step.label, duration)
+        try:
+            self._write_result(step, status, started, duration, result, ctx, fallbacks, error=error,
+                               reason=None if status == "failed" else reason)
+        except OSError as exc:
+            logger.error("%s: result.json could not be written: %s", step.label, exc)
+            if status == "completed":
+                status, result = "failed", None
+                reason = f"result.json could not be written ({type(exc).__name__}: {first_line(exc)})"
+            else:
+                reason = f"{reason}; its result.json could not be written ({type(exc).__name__})"
+        record = self.records[step.number]
+        record.status, record.duration_s, record.resumed = status, round(duration, 3), False
+        record.reason = None if status == "completed" else reason
+        if result is not None:
+            self.results[step.number] = result
+            self.data[step.number] = result.data
+            note = f" [{len(fallbacks)} OOM fallback(s)]" if fallbacks else ""
+            self.echo(f"step {step.number:>2} {step.name:<14} completed in {duration:6.1f} s{note}")
+            logger.info("%s completed in %.2f s", step.label, duration)
+        elif status == "skipped":
+            self.echo(f"step {step.number:>2} {step.name:<14} skipped: {reason}")
+            logger.info("%s skipped: %s", step.label, reason)
+        else:
+            self.echo(f"step {step.number:>2} {step.name:<14} FAILED: {reason} (traceback in run.log)")
         self.write_manifest()
 
     def _restore_device(self) -> None:
@@ -395,14 +463,11 @@ class Runner:
             self._move_model(self.device)
 
     def _record_skip(self, step: Step, reason: str) -> None:
-        folder = self.out_dir / step.folder_name
-        self._fresh_folder(step)
-        self._write_result(step, "skipped", now(), 0.0, None, None, [], reason=reason)
-        rec = self.records[step.number]
-        rec.status, rec.duration_s, rec.reason, rec.resumed = "skipped", 0.0, reason, False
-        self.echo(f"step {step.number:>2} {step.name:<14} skipped: {reason}")
-        logger.info("%s skipped: %s (%s)", step.label, reason, folder)
-        self.write_manifest()
+        try:
+            self._fresh_folder(step)
+        except OSError as exc:  # the result.json write below fails too and says so
+            logger.error("%s: its folder could not be prepared: %s", step.label, exc)
+        self._finish(step, "skipped", now(), time.perf_counter(), None, [], reason=reason)
 
 
 def print_line(line: str) -> None:

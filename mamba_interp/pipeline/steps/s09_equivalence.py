@@ -398,7 +398,7 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
 
 
 @register_step(9, "equivalence", requires=(1,), title="Mamba vs transformer: representations and mechanisms",
-               options=Options)
+               options=Options, reads=("compare", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     comp = pick_transformer(ctx)

@@ -185,7 +185,8 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
     return " ".join(parts)
 
 
-@register_step(10, "universality", requires=(1,), title="Universality across seeds and sizes", options=Options)
+@register_step(10, "universality", requires=(1,), title="Universality across seeds and sizes", options=Options,
+               reads=("compare", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     profiles = same_family(ctx, opts.profile_settings(ctx.config.seed))

@@ -127,7 +127,8 @@ def _reading(profiles: list[ModelProfile], fits: dict[str, Any], spread: dict[st
     return " ".join(parts)
 
 
-@register_step(14, "scaling", requires=(1,), title="Scaling along the size ladder", options=Options)
+@register_step(14, "scaling", requires=(1,), title="Scaling along the size ladder", options=Options,
+               reads=("compare", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     profiles = same_family(ctx, opts.profile_settings(ctx.config.seed))
