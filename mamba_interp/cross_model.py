@@ -4,13 +4,9 @@ influence and length generalisation, for a ``HookedMamba`` and the GPT-2 baselin
 * :func:`residual_streams` — the residual stream entering the first block and after every block ([L + 1] tensors
   [b, l, d]): ``hook_embed`` and ``blocks.i.hook_resid_post`` of a HookedMamba; the summed token + position
   embedding and every block's output (before the final LayerNorm) of GPT-2, read with plain torch forward hooks.
-* :func:`answer_logprob` — per example, the mean log-probability of the targets at the scored positions.
-* :func:`input_influence` — ‖∂ answer_logprob / ∂ e_s‖₂ for every source position s, e the token embedding (the
-  output of the model's ``nn.Embedding``, read with a forward hook): gradient × nothing, the plain saliency of
-  Simonyan et al. 2014 per position. One backward per batch, since each example's score depends only on its own
-  inputs (linear in the length for Mamba, quadratic for attention).
-* :func:`influence_summary` — influence by distance from the query and the top-source hit rate (the most
-  influential source other than the query itself is the trigger p or the answer p + 1) for induction-style batches.
+* :func:`scored_logprob` — per example, the mean log-probability of the targets at the scored positions.
+* :func:`embedding_source` — what ``temporal_causality`` differentiates against for input influence on either
+  architecture (``influence_on_answer(model, batch, sources=(embedding_source(model),))``).
 * :func:`example_scores` / :func:`length_curve` — per-example loss and correctness, and accuracy and loss on
   fresh task sequences at several lengths (the extrapolation gap).
 """
@@ -42,9 +38,11 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def embedding_module(model: nn.Module) -> nn.Embedding:
-    """The token embedding whose output :func:`input_influence` differentiates against."""
-    return model.hf_model.transformer.wte if is_transformer(model) else model.embed
+def embedding_source(model: nn.Module) -> Any:
+    """The ``source`` that ``temporal_causality.temporal_jacobian`` / ``influence_on_answer`` differentiate against
+    for input influence: the ``hook_embed`` hook of a HookedMamba, the token-embedding module of GPT-2 (read with a
+    forward hook; its output is the token part of the summed embedding)."""
+    return model.hf_model.transformer.wte if is_transformer(model) else "hook_embed"
 
 
 @torch.no_grad()
@@ -76,70 +74,13 @@ def residual_streams(model: nn.Module, tokens: torch.Tensor, batch_size: int = 6
     return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
-def answer_logprob(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+def scored_logprob(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     """Mean log p(target) over each example's scored positions: [b] (logits [b, l, v])."""
     logp = torch.log_softmax(logits.float(), -1)
     mask = batch.eval_mask.to(logits.device)
     tgt = batch.targets.to(logits.device).clamp(min=0)
     lp = logp.gather(-1, tgt[..., None])[..., 0] * mask
     return lp.sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def input_influence(model: nn.Module, batch: TaskBatch, batch_size: int = 32) -> torch.Tensor:
-    """‖∂ answer_logprob(x) / ∂ e_s‖₂ per source position: [b, l] (float32, CPU)."""
-    dev = _device(model)
-    emb = embedding_module(model)
-    out = []
-    for start in range(0, len(batch), batch_size):
-        part = batch.select(slice(start, start + batch_size))
-        held: list[torch.Tensor] = []
-
-        def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-            output = output.detach().requires_grad_(True)
-            held.append(output)
-            return output
-
-        handle = emb.register_forward_hook(keep)
-        try:
-            with torch.enable_grad():
-                logits = model(part.tokens.to(dev))
-                score = answer_logprob(logits, part).sum()  # examples are independent: one backward for all
-                (grad,) = torch.autograd.grad(score, held[0])
-        finally:
-            handle.remove()
-        out.append(grad.norm(dim=-1).float().cpu())
-    return torch.cat(out)
-
-
-def influence_summary(influence: torch.Tensor, batch: TaskBatch, n_bins: int = 8) -> dict[str, Any]:
-    """Influence by distance from the query (log-spaced bins of the share of each example's total influence) and,
-    when the batch has ``query_pos``/``value_pos``/``trigger_pos`` metadata, the top-source hit rate and the share
-    of influence on {p, p + 1}. Per-example arrays are returned for CIs."""
-    infl = influence.double().numpy()
-    b, length = infl.shape
-    meta = batch.metadata
-    query = meta["query_pos"].numpy() if "query_pos" in meta else np.full(b, length - 1)
-    share = infl / np.maximum(infl.sum(1, keepdims=True), 1e-30)
-    dist = query[:, None] - np.arange(length)[None, :]  # [b, l] distance of each source from the query
-    edges = np.unique(np.round(np.geomspace(1, max(length, 2), n_bins + 1)).astype(int))
-    by_distance = {}
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (dist >= lo) & (dist < hi)
-        if sel.any():
-            by_distance[f"{lo}-{hi - 1}"] = float((share * sel).sum(1).mean())
-    out: dict[str, Any] = {"by_distance": by_distance, "query_share": float(share[np.arange(b), query].mean())}
-    if "value_pos" in meta and "trigger_pos" in meta:
-        value, trigger = meta["value_pos"].numpy(), meta["trigger_pos"].numpy()
-        masked = infl.copy()
-        masked[np.arange(b), query] = -np.inf
-        masked[dist < 0] = -np.inf
-        top = masked.argmax(1)
-        hit = (top == value) | (top == trigger)
-        out["top_source_hit_per_example"] = hit.astype(np.float64)
-        out["top_source_hit"] = float(hit.mean())
-        out["answer_share_per_example"] = share[np.arange(b), value] + share[np.arange(b), trigger]
-        out["answer_share"] = float(out["answer_share_per_example"].mean())
-    return out
 
 
 @torch.no_grad()
@@ -155,7 +96,7 @@ def example_scores(model: nn.Module, batch: TaskBatch, batch_size: int = 64) -> 
         logits = model(part.tokens.to(dev)).float()
         mask = part.eval_mask.to(dev)
         right = (logits.argmax(-1) == part.targets.to(dev)) & mask
-        loss.append(-answer_logprob(logits, part))
+        loss.append(-scored_logprob(logits, part))
         correct.append((right | ~mask).all(-1))
         hits.append(right.sum(-1))
         scored.append(mask.sum(-1))

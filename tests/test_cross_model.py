@@ -43,42 +43,29 @@ def test_residual_streams_match_the_models(models, task):
 
 
 @pytest.mark.parametrize("which", [0, 1])
-def test_input_influence_equals_autograd_jacobian(models, task, which):
+def test_embedding_influence_equals_autograd_jacobian(models, task, which):
+    """step 8's influence_on_answer, pointed at embedding_source, on both architectures (GPT-2 through its
+    embedding module) against the brute-force Jacobian of the answer's log-prob w.r.t. the token embeddings."""
+    from mamba_interp.temporal_causality import influence_on_answer
+
     model = models[which]
     batch = task.sample(3, 1)
-    emb = XM.embedding_module(model)
+    emb = model.hf_model.transformer.wte if which else model.embed
     with torch.no_grad():
         e0 = emb(batch.tokens)
 
     def score(e):
-        def swap(module, inputs, output):
-            return e
-        handle = emb.register_forward_hook(swap)
+        handle = emb.register_forward_hook(lambda module, inputs, output: e)
         try:
-            return XM.answer_logprob(model(batch.tokens), batch)
+            return XM.scored_logprob(model(batch.tokens), batch)
         finally:
             handle.remove()
 
     jac = torch.autograd.functional.jacobian(score, e0)  # [b, b, l, d]
     expected = torch.stack([jac[i, i].norm(dim=-1) for i in range(len(batch))])
-    assert torch.allclose(jac.sum(1) - torch.stack([jac[i, i] for i in range(len(batch))]),
-                          torch.zeros_like(e0), atol=1e-7), "examples are independent"
-    got = XM.input_influence(model, batch, batch_size=2)
+    src = XM.embedding_source(model)
+    got = influence_on_answer(model, batch, sources=(src,), batch_size=2)[src]
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
-
-
-def test_influence_summary_on_planted_maps(task):
-    batch = task.sample(6, 2, seq_len=24)
-    infl = torch.full((6, 24), 0.01)
-    rows = torch.arange(6)
-    infl[rows, batch.metadata["value_pos"]] = 1.0
-    infl[rows, -1] = 5.0  # the query itself is excluded from the top source
-    infl[:3, 0] = 2.0  # three examples point elsewhere
-    infl[rows[:3], batch.metadata["value_pos"][:3]] = 0.5
-    s = XM.influence_summary(infl, batch)
-    expected_hit = ((batch.metadata["trigger_pos"][:3] == 0).sum().item() + 3) / 6
-    assert s["top_source_hit"] == pytest.approx(expected_hit)
-    assert sum(s["by_distance"].values()) + s["query_share"] == pytest.approx(1.0)
 
 
 def test_length_curve_skips_unembeddable_lengths(models, task):

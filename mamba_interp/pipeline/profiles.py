@@ -8,8 +8,10 @@ live-feature activations for MPPC, decoder rows for MMCS). :func:`family_profile
 and each companion, loading the companions one at a time; results are cached by (model fingerprint, settings,
 inputs), so step 14 reuses what step 10 computed.
 
-Not yet in a profile (their modules are not part of this build): the step-5 circuit, probe scores, the hidden-
-attention induction score / knockout and the memory horizon of step 8 (``PENDING``).
+For Mamba models on recall tasks it adds step 7's lookup measures per layer (the hidden-attention induction
+score and the knockout accuracy drop, ``temporal_causality``) and step 8's input influence at the longest length
+(memory horizon, top-source hit). Not yet in a profile (their modules are not part of this build): the step-5
+circuit and probe scores (``PENDING``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from torch import nn
 from mamba_interp import cross_model as XM
 from mamba_interp.pipeline.companions import Companion
 
-PENDING = ("circuit (step 5)", "probe scores (step 4)", "induction score and knockout (step 7)",
-           "memory horizon (step 8)")
+PENDING = ("circuit (step 5)", "probe scores (step 4)")
+HORIZON_THRESHOLD = 0.1
+"""Memory horizon: the farthest source whose influence is at least this fraction of the peak (step 8's)."""
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,13 @@ class ProfileSettings:
     sae_expansion: int = 4
     sae_k: int = 8
     sae_steps: int = 500
+    influence_sequences: int = 16
+    """Sequences at the longest length for the input influence (memory horizon, top-source hit)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps"))
+        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps",
+                             "influence_sequences"))
 
 
 def check_options(opts: Any, positive: tuple[str, ...]) -> None:
@@ -76,6 +82,9 @@ class ModelProfile:
     length: dict[str, dict[str, Any]]  # "4x" -> accuracy, loss, n, per-example loss / correct
     sae: dict[str, Any]  # l0, fvu, dead_fraction, d_sae; features [n_tokens, live] (float32); decoder [live, d];
     # err2, var2 [n_tokens] (squared reconstruction error, squared distance from the mean, per token)
+    lookup: dict[str, Any] = field(default_factory=dict)
+    """Mamba models on recall tasks (:func:`lookup_profile`): per layer the hidden-attention induction score and
+    the knockout accuracy drop (step 7's), and at the longest length the memory horizon and top-source hit."""
     pending: tuple[str, ...] = PENDING
     extra: dict[str, Any] = field(default_factory=dict)
     """``null_streams``: the streams of a random-init model of the same architecture (Mamba models only)."""
@@ -85,7 +94,19 @@ class ModelProfile:
         return {"name": self.name, "role": self.role, "arch": self.arch, "n_params": self.n_params,
                 "d_model": self.d_model, "seed": self.seed,
                 "length": {k: {m: v[m] for m in ("accuracy", "loss", "n")} for k, v in self.length.items()},
-                "sae": {k: self.sae[k] for k in ("l0", "fvu", "dead_fraction", "d_sae", "live")}}
+                "sae": {k: self.sae[k] for k in ("l0", "fvu", "dead_fraction", "d_sae", "live")},
+                "lookup": self.lookup_summary()}
+
+    def lookup_summary(self) -> dict[str, Any]:
+        if not self.lookup:
+            return {}
+        lk = self.lookup
+        long = lk["long"]
+        return {"lookup_layer": lk["lookup_layer"],
+                "induction_score": {str(i): v["induction_score"] for i, v in lk["layers"].items()},
+                "knockout_drop": {str(i): v["knockout_drop"] for i, v in lk["layers"].items()},
+                f"memory_horizon_{long['multiple']}x": float(long["memory_horizon"].mean()),
+                f"top_source_hit_{long['multiple']}x": float(long["top_source_hit"].mean())}
 
 
 _CACHE: dict[tuple, ModelProfile] = {}
@@ -141,8 +162,39 @@ def model_profile(model: nn.Module, task: Any, batch: Any, heldout: Any, setting
     )
     if not XM.is_transformer(model):
         profile.extra["null_streams"] = random_init_streams(model, batch.tokens, settings.seed + 1000, batch_size)
+        profile.lookup = lookup_profile(model, task, batch, settings, batch_size)
     _CACHE[key] = profile
     return profile
+
+
+def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSettings, batch_size: int = 64
+                   ) -> dict[str, Any]:
+    """Step 7's per-layer lookup measures and step 8's influence at the longest length
+    (``temporal_causality``), for a task whose batches have a lookup source; {} otherwise."""
+    from mamba_interp import temporal_causality as TC
+
+    lookup = TC.lookup_positions(batch)
+    if lookup is None or lookup.source is None:
+        return {}
+    clean = TC.answer_correct(model, batch, lookup, batch_size)
+    layers = {}
+    for layer in range(model.cfg.n_layer):
+        score, per_seq = TC.induction_score(model, batch, layer, lookup, batch_size)
+        ko = TC.knockout_accuracy_drop(model, batch, layer, lookup, batch_size, settings.seed, clean)
+        layers[layer] = {"induction_score": score, "induction_per_seq": per_seq.double().numpy(),
+                         "knockout_drop": ko["drop"], "knockout_control_drop": ko["control_drop"]}
+    mult = max(settings.length_multiples)
+    long = task.sample(settings.influence_sequences, settings.seed + 7 * mult, seq_len=task.seq_len * mult,
+                       split="test")
+    long_lookup = TC.lookup_positions(long)
+    infl = TC.influence_on_answer(model, long, lookup=long_lookup, batch_size=max(1, batch_size // mult))["hook_embed"]
+    last = long_lookup.column(-1)
+    horizon = TC.memory_horizon(infl[:, None], HORIZON_THRESHOLD, last.query)[:, 0]
+    _, hits = TC.top_source_hit(model, long, lookup=long_lookup, influence=infl)
+    return {"layers": layers, "lookup_layer": max(layers, key=lambda i: layers[i]["induction_score"]),
+            "long": {"multiple": mult, "memory_horizon": horizon.double().numpy(),
+                     "answer_distance": (last.query - last.source)[:, 0].double().numpy(),
+                     "top_source_hit": hits.double().numpy()}}
 
 
 def family_profiles(ctx: Any, companions: list[Companion], settings: ProfileSettings) -> list[ModelProfile]:

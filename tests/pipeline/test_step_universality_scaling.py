@@ -13,7 +13,7 @@ from mamba_interp import HookedMamba, MambaConfig
 from mamba_interp.pipeline import profiles
 
 FAST = {"sequences": 8, "length_multiples": [1, 2], "long_sequences": 6, "sae_steps": 20, "bootstrap": 20,
-        "rotations": 3}
+        "influence_sequences": 4, "rotations": 3}
 CARD = {"task": "induction", "task_params": {"vocab_size": 16, "seq_len": 24}}
 
 
@@ -53,6 +53,9 @@ def test_step10_pairs_and_summary(fam_run):
     for q in ("representations_cka_last", "features_mppc", "features_mmcs"):
         s = m["seeds"]["summary"][q]
         assert s["n_pairs"] == 1 and len(s["ci"]) == 2 and isinstance(s["recurs"], bool)
+    lk = m["seeds"]["summary"]["lookup"]
+    assert lk["n_models"] == 2 and 0 <= lk["same_layer"] <= 1 and len(lk["knockout_drop"]["ci"]) == 2
+    assert set(m["models"][0]["lookup"]["induction_score"]) == {"0", "1"}
     assert m["pending"] and "cka_across_models.png" in res["artifacts"]
 
 
@@ -62,7 +65,8 @@ def test_step14_table_and_fits(fam_run):
     m = res["metrics"]
     assert [row["d_model"] for row in m["table"]] == [16, 24, 32, 32]
     fits = m["fits"]
-    assert {"loss_1x", "loss_2x", "error_1x", "sae_fvu"} <= set(fits)
+    assert {"loss_1x", "loss_2x", "error_1x", "sae_fvu", "induction_score", "memory_horizon_2x",
+            "top_source_hit_2x"} <= set(fits)
     for f in fits.values():
         assert "exponent" in f or "not_fitted" in f
         assert len(f["values"]) == 4

@@ -19,17 +19,18 @@ has no task, or when the transformer was trained on another task.
    each head, attention layer and MLP below the induction layer is patched at the answer position p + 1 only, scored
    by the log-probability of the answer; the component restoring most is the supplier, whether or not it is a
    previous-token head by its attention pattern.
-3. Influence by distance (``cross_model.input_influence``: ‖∂ log p(answer) / ∂ token embedding‖ per source position)
-   for both models at 1×, 4× and 16× the training length, with accuracy at each length: the extrapolation gap and
-   whether each model still draws on the answer position at long range (top-source hit: the most influential
-   earlier position is the trigger p or the answer p + 1).
+3. Influence by distance (step 8's ``temporal_causality.influence_on_answer``: ‖∂ log p(answer) / ∂ token
+   embedding‖ per source position; for GPT-2 through its embedding module) for both models at 1×, 4× and 16× the
+   training length, with accuracy at each length: the extrapolation gap and whether each model still draws on the
+   answer position at long range (``top_source_hit``: the most influential earlier position is the trigger p or the
+   answer p + 1; exact binomial CI).
 4. SAE features: a TopK SAE per model on the last residual stream (``cross_model.sae_features``, shared settings),
    MPPC (Wang et al. 2024) of the Mamba features against the transformer's and back, each against a random-rotation
    null of the other side's latent space; raw residual dimensions ("neurons") as the baseline and a second SAE seed
    on the Mamba model as the skyline.
 
 Not yet here: the Mamba circuit of step 5 side by side with the transformer's (the circuits step is not part of
-this build), and step 8's temporal Jacobian (``cross_model.input_influence`` is used for both models).
+this build).
 
 Metrics: ``transformer``, ``cka`` (``matrix``, ``ci``, ``p_value``, ``null_mean``, ``rms_normalised``,
 ``best_match``), ``transformer_heads`` (``{"L.H": {"induction_score", "prev_token_score", "value_trigger_score",
@@ -52,6 +53,7 @@ import torch
 from mamba_interp import attention_heads as AH
 from mamba_interp import comparison as C
 from mamba_interp import cross_model as XM
+from mamba_interp import temporal_causality as TC
 from mamba_interp.pipeline.companions import Companion, no_companions_reason, resolve_companions
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.profiles import check_options
@@ -222,27 +224,43 @@ def transformer_mechanism(baseline: Any, batch: Any, task: Any, opts: Options, s
     return out
 
 
+def _distance_bins(profile: torch.Tensor, n_bins: int = 8) -> dict[str, float]:
+    """Influence shares by distance from the query, summed over log-spaced distance bins ("lo-hi" tokens)."""
+    length = profile.shape[0]
+    edges = np.unique(np.round(np.geomspace(1, max(length, 2), n_bins + 1)).astype(int))
+    prof = profile.double().numpy()
+    return {f"{lo}-{hi - 1}": float(prof[lo:hi].sum()) for lo, hi in zip(edges[:-1], edges[1:]) if lo < length}
+
+
 def influence_at_lengths(models: dict[str, Any], task: Any, opts: Options, seed: int, batch_size: int
                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Accuracy and input influence of each model at each length multiple."""
+    """Accuracy and input influence (``temporal_causality.influence_on_answer`` w.r.t. the token embedding) of each
+    model at each length multiple: top-source hit, the share of influence on {p, p + 1}, influence by distance."""
     base = task.seq_len
     out: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for mult in opts.length_multiples:
         length = base * mult
         batch = task.sample(opts.long_sequences, seed + mult, seq_len=length, split="test")
+        lookup = TC.lookup_positions(batch)
         for name, model in models.items():
             if XM.is_transformer(model) and length > model.n_positions:
                 continue
             scores = XM.example_scores(model, batch, batch_size)
-            infl = XM.input_influence(model, batch, batch_size=max(1, batch_size // mult))
-            summ = XM.influence_summary(infl, batch)
+            src = XM.embedding_source(model)
+            infl = TC.influence_on_answer(model, batch, sources=(src,), lookup=lookup,
+                                          batch_size=max(1, batch_size // mult))[src]  # (b, l)
+            last = lookup.column(-1)
             row = {"accuracy": float(scores["hits"].sum() / max(scores["scored"].sum(), 1)),
                    "accuracy_ci": list(estimate(scores["correct"], seed=seed).ci),
-                   "loss": float(scores["loss"].mean()), "n": len(batch), "by_distance": summ["by_distance"]}
-            if "top_source_hit" in summ:
-                row["top_source_hit"] = estimate(summ.pop("top_source_hit_per_example"), seed=seed).to_dict()
-                row["answer_share"] = estimate(summ.pop("answer_share_per_example"), seed=seed).to_dict()
+                   "loss": float(scores["loss"].mean()), "n": len(batch),
+                   "by_distance": _distance_bins(TC.influence_profile(infl[:, None], last.query))}
+            if last.source is not None:
+                _, hits = TC.top_source_hit(model, batch, lookup=lookup, influence=infl)
+                shares = TC.class_shares(infl, TC.position_classes(last, length))
+                row["top_source_hit"] = {**estimate(hits.double().numpy(), seed=seed).to_dict(),
+                                         "ci": TC.proportion_ci(hits.numpy())}
+                row["answer_share"] = estimate(shares["source"] + shares.get("trigger", 0.0), seed=seed).to_dict()
             out.setdefault(name, {})[f"{mult}x"] = row
             tensors[f"{name}.{mult}x"] = infl
     return out, tensors

@@ -9,6 +9,9 @@ pair of seeds (every pair) and each (analysed model, other size) pair:
 * Representations: debiased linear CKA of the residual streams at the same depth (``comparison.cka``), with a
   sequence-bootstrap CI (``comparison.GroupedLinearCKA``), against a random-init null (the first model against a
   freshly initialised model of the second's architecture; comparative.md §3.2 (c)).
+* Lookup (Mamba models on recall tasks; step 7's ``temporal_causality`` measures): each model's lookup layer
+  (where the hidden-attention row of the query peaks at the source most often), whether the models agree on it,
+  and at that layer the induction score and the knockout accuracy drop across the models.
 * SAE features (a TopK SAE on the last residual stream of each model, same settings): MPPC of the first model's
   live features' activations against the second's (Wang et al. 2024) with a random-rotation null of the second's
   latent space, and MMCS of the decoder directions after mapping the first model's residual basis onto the
@@ -19,16 +22,17 @@ One statistic per question and group: the mean over pairs with a t-interval over
 the interval is optimistic; each pair's own CI and null are listed), and "recurs" when every pair beats its null.
 
 Not yet here (their modules are not part of this build): circuit recurrence (step 5: Jaccard of (layer, hook,
-position class) units against random circuits, ``comparison.jaccard`` / ``random_jaccard_null``), probe supports
-(step 4) and the induction score / knockout of step 7 — listed under ``pending``.
+position class) units against random circuits, ``comparison.jaccard`` / ``random_jaccard_null``) and probe
+supports (step 4) — listed under ``pending``.
 
 Metrics: ``models`` (each profile's summary), ``seeds`` / ``sizes`` (``pairs``: per pair ``cka`` by stream,
-``mppc``, ``mmcs``; ``summary``: per question value, t-interval, ``recurs``), ``behaviour`` (accuracy at each length
-per model), ``pending``.
+``mppc``, ``mmcs``; ``summary``: per question value, t-interval, ``recurs``, and ``lookup``), ``behaviour``
+(accuracy at each length per model), ``pending``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -51,18 +55,19 @@ class Options:
     sae_expansion: int = 4
     sae_k: int = 8
     sae_steps: int = 500
+    influence_sequences: int = 16
     bootstrap: int = 200
     """Sequence-bootstrap resamples per CKA."""
     rotations: int = 20
     """Random rotations per MPPC / MMCS null."""
 
     def __post_init__(self) -> None:
-        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps", "bootstrap",
-                             "rotations"))
+        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps",
+                             "influence_sequences", "bootstrap", "rotations"))
 
     def profile_settings(self, seed: int) -> ProfileSettings:
-        return ProfileSettings(self.sequences, tuple(self.length_multiples), self.long_sequences, self.sae_expansion,
-                               self.sae_k, self.sae_steps, seed)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ProfileSettings) if f.name != "seed"}
+        return ProfileSettings(**shared, seed=seed)
 
 
 def same_family(ctx: StepContext, settings: ProfileSettings) -> list[ModelProfile]:
@@ -138,6 +143,28 @@ def _summary(pairs: dict[str, dict], last_stream: str) -> dict[str, Any]:
     return out
 
 
+def lookup_recurrence(models: list[ModelProfile]) -> dict[str, Any] | None:
+    """Do step 7's lookup results recur? The lookup layer (argmax of the induction score) of each model, the
+    fraction agreeing with the first model's, and at that layer the induction score and the knockout accuracy
+    drop of every model, with a t-interval over the models."""
+    with_lookup = [m for m in models if m.lookup]
+    if len(with_lookup) < 2:
+        return None
+    layer = with_lookup[0].lookup["lookup_layer"]
+    if not all(layer in m.lookup["layers"] for m in with_lookup):
+        return None
+    scores = [m.lookup["layers"][layer]["induction_score"] for m in with_lookup]
+    drops = [m.lookup["layers"][layer]["knockout_drop"]["value"] for m in with_lookup]
+    return {"layer": int(layer),
+            "same_layer": float(np.mean([m.lookup["lookup_layer"] == layer for m in with_lookup])),
+            "lookup_layers": {m.name: int(m.lookup["lookup_layer"]) for m in with_lookup},
+            "induction_score": {"value": float(np.mean(scores)), "ci": t_interval(scores), "per_model": scores},
+            "knockout_drop": {"value": float(np.mean(drops)), "ci": t_interval(drops), "per_model": drops,
+                              "control_mean": float(np.mean([m.lookup["layers"][layer]["knockout_control_drop"]
+                                                             ["value"] for m in with_lookup]))},
+            "n_models": len(with_lookup)}
+
+
 def _figure(ctx: StepContext, results: dict[str, dict]) -> None:
     import matplotlib
 
@@ -180,6 +207,15 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
                      f"{_fmt(s['representations_cka_last'], 'random-init model')}; SAE-feature MPPC "
                      f"{_fmt(s['features_mppc'], 'rotation null')}; decoder MMCS after Procrustes "
                      f"{_fmt(s['features_mmcs'], 'random rotations')}.")
+        lk = s.get("lookup")
+        if lk:
+            ind, ko = lk["induction_score"], lk["knockout_drop"]
+            parts.append(f"Lookup (step 7's measures): layer {lk['layer']} is the lookup layer of "
+                         f"{lk['same_layer'] * lk['n_models']:.0f} of {lk['n_models']} models; there the "
+                         f"hidden-attention induction score is {ind['value']:.3f} [{ind['ci'][0]:.3f}, "
+                         f"{ind['ci'][1]:.3f}] and knocking out p + 1 → query costs {ko['value']:.3f} "
+                         f"[{ko['ci'][0]:.3f}, {ko['ci'][1]:.3f}] accuracy (random-source control "
+                         f"{ko['control_mean']:.3f}).")
     parts.append("Intervals are t-intervals over pairs, which share models (optimistic). Not measured yet: "
                  + "; ".join(PENDING) + ".")
     return " ".join(parts)
@@ -205,6 +241,10 @@ def run(ctx: StepContext) -> StepResult:
         res = {f"{a.name}|{b.name}": pair_similarity(a, b, groups, opts, ctx.seed + 31 * k)
                for k, (a, b) in enumerate(pairs)}
         results[label] = {"pairs": res, "summary": _summary(res, f"stream{len(primary.streams) - 1}")}
+        members = seeds if label == "seeds" else [primary, *sizes]
+        lookup = lookup_recurrence(members)
+        if lookup is not None:
+            results[label]["summary"]["lookup"] = lookup
     if ctx.config.figures:
         _figure(ctx, results)
     metrics = {

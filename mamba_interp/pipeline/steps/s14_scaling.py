@@ -3,7 +3,9 @@
 The ladder is the analysed model and its companions of the same architecture and task (``pipeline/companions.py``:
 the zoo family's sizes and seeds, or ``--compare``), each measured once with the settings shared with step 10
 (``pipeline/profiles.py``). Per size (every seed at that size is a point of its own): loss and error rate at each
-multiple of the training length, and the FVU of a TopK SAE at its fixed L0 (k) on the last residual stream.
+multiple of the training length, the FVU of a TopK SAE at its fixed L0 (k) on the last residual stream, and for
+recall tasks step 7's best-layer induction score and step 8's memory horizon and top-source hit at the longest
+length (``temporal_causality``).
 Against the parameter count N, each quantity gets a two-parameter log-log fit y = a·N^b (``scaling.power_law_fit``)
 with a bootstrap CI on the exponent (examples resampled within each point) where at least three distinct sizes
 exist; a quantity that is 0 at some size (a perfect accuracy) is not fitted.
@@ -14,7 +16,7 @@ covers the measurement noise of the per-size values only. Where the largest size
 between them is set beside the change across sizes: a trend smaller than the seed spread is not a size effect.
 
 Not yet here (their modules are not part of this build): best probe scores (step 4), circuit size and sufficiency
-(steps 5, 6) and the memory horizon (step 8) — listed under ``pending``.
+(steps 5, 6) — listed under ``pending``.
 
 Metrics: ``table`` (one row per model: n_params, d_model, seed, per length accuracy and loss, SAE FVU / L0),
 ``fits`` (per quantity: exponent with CI, prefactor, R², points; or ``not_fitted`` with the reason),
@@ -45,6 +47,12 @@ def quantities(p: ModelProfile) -> dict[str, tuple[np.ndarray, Any]]:
         out[f"loss_{mult}"] = (row["example_loss"], np.mean)
         out[f"error_{mult}"] = (1.0 - row["example_correct"], np.mean)
     out["sae_fvu"] = (np.column_stack([p.sae["err2"], p.sae["var2"]]), _fvu)
+    if p.lookup:  # step 7's best-layer induction score, step 8's memory horizon and top-source hit at long range
+        best = p.lookup["layers"][p.lookup["lookup_layer"]]
+        out["induction_score"] = (best["induction_per_seq"], np.mean)
+        long = p.lookup["long"]
+        out[f"memory_horizon_{long['multiple']}x"] = (long["memory_horizon"], np.mean)
+        out[f"top_source_hit_{long['multiple']}x"] = (long["top_source_hit"], np.mean)
     return out
 
 
@@ -85,18 +93,19 @@ def _figure(ctx: StepContext, profiles: list[ModelProfile], fits: dict[str, Any]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in fits if n.startswith(("loss_", "error_"))] + ["sae_fvu"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
+    names = list(fits)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
     sizes = np.array([p.n_params for p in profiles], dtype=float)
     grid = np.geomspace(sizes.min(), sizes.max(), 50)
-    for ax, prefix in zip(axes, ("loss_", "error_", "sae_fvu")):
+    for ax, prefix in zip(axes, ("loss_", "error_", "sae_fvu", ("induction", "memory", "top_source"))):
         for name in (n for n in names if n.startswith(prefix)):
             vals = np.array(fits[name]["values"])
             line = ax.plot(sizes, np.maximum(vals, 1e-6), "o", label=name)[0]
             if "exponent" in fits[name]:
                 ax.plot(grid, fits[name]["prefactor"] * grid ** fits[name]["exponent"], "-", color=line.get_color(),
                         lw=1)
-        ax.set(xscale="log", yscale="log", xlabel="parameters N", title=prefix.strip("_"))
+        title = "lookup (steps 7, 8)" if isinstance(prefix, tuple) else prefix.strip("_")
+        ax.set(xscale="log", yscale="log", xlabel="parameters N", title=title)
         ax.legend(fontsize=6)
     ctx.save_figure(fig, "scaling")
 
