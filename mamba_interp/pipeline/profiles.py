@@ -28,6 +28,9 @@ from mamba_interp import cross_model as XM
 from mamba_interp.pipeline.companions import Companion
 
 PENDING = ("circuit (step 5)", "probe scores (step 4)")
+LOOKUP_THRESHOLD = 0.5
+"""A layer is a model's lookup layer when its induction score (fraction of queries peaking at the source) is at
+least this."""
 HORIZON_THRESHOLD = 0.1
 """Memory horizon: the farthest source whose influence is at least this fraction of the peak (step 8's)."""
 
@@ -102,9 +105,10 @@ class ModelProfile:
             return {}
         lk = self.lookup
         long = lk["long"]
-        return {"lookup_layer": lk["lookup_layer"],
+        return {"lookup_layer": lk["lookup_layer"], "best_layer": lk["best_layer"],
                 "induction_score": {str(i): v["induction_score"] for i, v in lk["layers"].items()},
                 "knockout_drop": {str(i): v["knockout_drop"] for i, v in lk["layers"].items()},
+                "peak_offset": {str(i): [v["peak_offset"], v["peak_offset_share"]] for i, v in lk["layers"].items()},
                 f"memory_horizon_{long['multiple']}x": float(long["memory_horizon"].mean()),
                 f"top_source_hit_{long['multiple']}x": float(long["top_source_hit"].mean())}
 
@@ -167,6 +171,18 @@ def model_profile(model: nn.Module, task: Any, batch: Any, heldout: Any, setting
     return profile
 
 
+def peak_offset(rows: torch.Tensor, lookup: Any) -> dict[str, Any]:
+    """Where the query's hidden-attention row peaks relative to the source (p + 1): the most common offset
+    (peak − source; 0 = the source, −1 = the trigger, +1 = the token after the source) and its share of queries,
+    the query itself excluded. rows: [b, k, l] mean |α| (``temporal_causality.lookup_attention``)."""
+    x = rows[:, -1].clone()  # (b, l) the last query
+    q = lookup.query[:, -1]
+    x[torch.arange(x.shape[-1])[None, :] >= q[:, None]] = -torch.inf
+    offsets = (x.argmax(-1) - lookup.source[:, -1]).numpy()
+    values, counts = np.unique(offsets, return_counts=True)
+    return {"peak_offset": int(values[counts.argmax()]), "peak_offset_share": float(counts.max() / offsets.size)}
+
+
 def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSettings, batch_size: int = 64
                    ) -> dict[str, Any]:
     """Step 7's per-layer lookup measures and step 8's influence at the longest length
@@ -179,10 +195,12 @@ def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSet
     clean = TC.answer_correct(model, batch, lookup, batch_size)
     layers = {}
     for layer in range(model.cfg.n_layer):
-        score, per_seq = TC.induction_score(model, batch, layer, lookup, batch_size)
+        att = TC.lookup_attention(model, batch, layer, lookup, batch_size)
+        score, per_seq = TC.induction_score(model, batch, layer, lookup, batch_size, attention=att)
         ko = TC.knockout_accuracy_drop(model, batch, layer, lookup, batch_size, settings.seed, clean)
         layers[layer] = {"induction_score": score, "induction_per_seq": per_seq.double().numpy(),
-                         "knockout_drop": ko["drop"], "knockout_control_drop": ko["control_drop"]}
+                         "knockout_drop": ko["drop"], "knockout_control_drop": ko["control_drop"],
+                         **peak_offset(att.rows, lookup)}
     mult = max(settings.length_multiples)
     long = task.sample(settings.influence_sequences, settings.seed + 7 * mult, seq_len=task.seq_len * mult,
                        split="test")
@@ -191,7 +209,9 @@ def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSet
     last = long_lookup.column(-1)
     horizon = TC.memory_horizon(infl[:, None], HORIZON_THRESHOLD, last.query)[:, 0]
     _, hits = TC.top_source_hit(model, long, lookup=long_lookup, influence=infl)
-    return {"layers": layers, "lookup_layer": max(layers, key=lambda i: layers[i]["induction_score"]),
+    best = max(layers, key=lambda i: layers[i]["induction_score"])
+    return {"layers": layers, "best_layer": best,
+            "lookup_layer": best if layers[best]["induction_score"] >= LOOKUP_THRESHOLD else None,
             "long": {"multiple": mult, "memory_horizon": horizon.double().numpy(),
                      "answer_distance": (last.query - last.source)[:, 0].double().numpy(),
                      "top_source_hit": hits.double().numpy()}}

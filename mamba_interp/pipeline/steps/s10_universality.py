@@ -42,7 +42,14 @@ import numpy as np
 from mamba_interp import comparison as C
 from mamba_interp.pipeline.companions import no_companions_reason, resolve_companions
 from mamba_interp.pipeline.context import StepContext, StepResult
-from mamba_interp.pipeline.profiles import PENDING, ModelProfile, ProfileSettings, check_options, family_profiles
+from mamba_interp.pipeline.profiles import (
+    LOOKUP_THRESHOLD,
+    PENDING,
+    ModelProfile,
+    ProfileSettings,
+    check_options,
+    family_profiles,
+)
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 
 
@@ -144,24 +151,29 @@ def _summary(pairs: dict[str, dict], last_stream: str) -> dict[str, Any]:
 
 
 def lookup_recurrence(models: list[ModelProfile]) -> dict[str, Any] | None:
-    """Do step 7's lookup results recur? The lookup layer (argmax of the induction score) of each model, the
-    fraction agreeing with the first model's, and at that layer the induction score and the knockout accuracy
-    drop of every model, with a t-interval over the models."""
+    """Do step 7's lookup results recur? Per model its best layer (highest hidden-attention induction score), that
+    score and the knockout accuracy drop there (against the random-source control); whether every model has a
+    lookup layer (score >= ``LOOKUP_THRESHOLD``) and it is the same one. Means with t-intervals over the models."""
     with_lookup = [m for m in models if m.lookup]
     if len(with_lookup) < 2:
         return None
-    layer = with_lookup[0].lookup["lookup_layer"]
-    if not all(layer in m.lookup["layers"] for m in with_lookup):
-        return None
-    scores = [m.lookup["layers"][layer]["induction_score"] for m in with_lookup]
-    drops = [m.lookup["layers"][layer]["knockout_drop"]["value"] for m in with_lookup]
-    return {"layer": int(layer),
-            "same_layer": float(np.mean([m.lookup["lookup_layer"] == layer for m in with_lookup])),
-            "lookup_layers": {m.name: int(m.lookup["lookup_layer"]) for m in with_lookup},
-            "induction_score": {"value": float(np.mean(scores)), "ci": t_interval(scores), "per_model": scores},
-            "knockout_drop": {"value": float(np.mean(drops)), "ci": t_interval(drops), "per_model": drops,
-                              "control_mean": float(np.mean([m.lookup["layers"][layer]["knockout_control_drop"]
-                                                             ["value"] for m in with_lookup]))},
+    per = {m.name: {"best_layer": int(m.lookup["best_layer"]),
+                    "lookup_layer": m.lookup["lookup_layer"],
+                    "induction_score": m.lookup["layers"][m.lookup["best_layer"]]["induction_score"],
+                    "knockout_drop": m.lookup["layers"][m.lookup["best_layer"]]["knockout_drop"]["value"],
+                    "control_drop": m.lookup["layers"][m.lookup["best_layer"]]["knockout_control_drop"]["value"],
+                    "peak_offset": {int(i): [v["peak_offset"], v["peak_offset_share"]]
+                                    for i, v in m.lookup["layers"].items()}}
+           for m in with_lookup}
+    layers = {v["lookup_layer"] for v in per.values()}
+    scores = [v["induction_score"] for v in per.values()]
+    drops = [v["knockout_drop"] for v in per.values()]
+    return {"per_model": per, "threshold": LOOKUP_THRESHOLD,
+            "with_lookup_layer": sum(v["lookup_layer"] is not None for v in per.values()),
+            "recurs": bool(None not in layers and len(layers) == 1),
+            "induction_score": {"value": float(np.mean(scores)), "ci": t_interval(scores)},
+            "knockout_drop": {"value": float(np.mean(drops)), "ci": t_interval(drops),
+                              "control_mean": float(np.mean([v["control_drop"] for v in per.values()]))},
             "n_models": len(with_lookup)}
 
 
@@ -209,13 +221,16 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
                      f"{_fmt(s['features_mmcs'], 'random rotations')}.")
         lk = s.get("lookup")
         if lk:
-            ind, ko = lk["induction_score"], lk["knockout_drop"]
-            parts.append(f"Lookup (step 7's measures): layer {lk['layer']} is the lookup layer of "
-                         f"{lk['same_layer'] * lk['n_models']:.0f} of {lk['n_models']} models; there the "
-                         f"hidden-attention induction score is {ind['value']:.3f} [{ind['ci'][0]:.3f}, "
-                         f"{ind['ci'][1]:.3f}] and knocking out p + 1 → query costs {ko['value']:.3f} "
-                         f"[{ko['ci'][0]:.3f}, {ko['ci'][1]:.3f}] accuracy (random-source control "
-                         f"{ko['control_mean']:.3f}).")
+            def where(v: dict) -> str:
+                return ", ".join(f"L{i} {o:+d} ({sh:.0%})" for i, (o, sh) in v["peak_offset"].items())
+            each = "; ".join(f"{n}: layer {v['best_layer']}, score {v['induction_score']:.2f}, knockout drop "
+                             f"{v['knockout_drop']:.2f}, row peak vs p + 1 {where(v)}"
+                             for n, v in lk["per_model"].items())
+            parts.append(f"Lookup (step 7's measures, best layer per model): {each}. "
+                         f"{lk['with_lookup_layer']} of {lk['n_models']} models have a layer whose hidden attention "
+                         f"peaks at p + 1 for >= {lk['threshold']:.0%} of queries"
+                         + (" and it is the same layer in all." if lk["recurs"] else
+                            ", so this lookup does not recur across them."))
     parts.append("Intervals are t-intervals over pairs, which share models (optimistic). Not measured yet: "
                  + "; ".join(PENDING) + ".")
     return " ".join(parts)

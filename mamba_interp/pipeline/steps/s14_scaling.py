@@ -48,7 +48,7 @@ def quantities(p: ModelProfile) -> dict[str, tuple[np.ndarray, Any]]:
         out[f"error_{mult}"] = (1.0 - row["example_correct"], np.mean)
     out["sae_fvu"] = (np.column_stack([p.sae["err2"], p.sae["var2"]]), _fvu)
     if p.lookup:  # step 7's best-layer induction score, step 8's memory horizon and top-source hit at long range
-        best = p.lookup["layers"][p.lookup["lookup_layer"]]
+        best = p.lookup["layers"][p.lookup["best_layer"]]
         out["induction_score"] = (best["induction_per_seq"], np.mean)
         long = p.lookup["long"]
         out[f"memory_horizon_{long['multiple']}x"] = (long["memory_horizon"], np.mean)
