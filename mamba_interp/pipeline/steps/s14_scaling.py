@@ -100,7 +100,9 @@ def _figure(ctx: StepContext, profiles: list[ModelProfile], fits: dict[str, Any]
     for ax, prefix in zip(axes, ("loss_", "error_", "sae_fvu", ("induction", "memory", "top_source"))):
         for name in (n for n in names if n.startswith(prefix)):
             vals = np.array(fits[name]["values"])
-            line = ax.plot(sizes, np.maximum(vals, 1e-6), "o", label=name)[0]
+            pos = vals > 0  # a log axis cannot show zeros (e.g. no error at all)
+            line = ax.plot(sizes[pos], vals[pos], "o", label=f"{name} ({(~pos).sum()} zeros not drawn)"
+                           if (~pos).any() else name)[0]
             if "exponent" in fits[name]:
                 ax.plot(grid, fits[name]["prefactor"] * grid ** fits[name]["exponent"], "-", color=line.get_color(),
                         lw=1)
