@@ -309,14 +309,30 @@ def mppc(A: Any, B: Any) -> float:
     return float(np.nanmean(m)) if np.isfinite(m).any() else float("nan")
 
 
+def _assignment(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(-c)
+
+
 def matched_correlation(A: Any, B: Any) -> float:
     """Mean correlation of a one-to-one matching of A's and B's features maximising the total correlation
     (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``); penalises many-to-one matches that MPPC allows."""
-    from scipy.optimize import linear_sum_assignment
-
     c = np.nan_to_num(correlation_matrix(A, B), nan=0.0)
-    rows, cols = linear_sum_assignment(-c)
+    rows, cols = _assignment(c)
     return float(c[rows, cols].mean())
+
+
+def match_features(A: Any, B: Any) -> np.ndarray:
+    """A one-to-one map of A's features (columns of A [n, f1]) onto B's (B [n, f2]) maximising the total absolute
+    Pearson correlation (Hungarian algorithm; the sign of a direction is arbitrary): [f1] indices into B's columns,
+    -1 for the features of A left unmatched when f1 > f2. Li et al. 2015's bipartite matching of units across
+    networks; it lets a set of A's dimensions (e.g. a sparse probe's support) be compared with a set of B's."""
+    c = np.abs(np.nan_to_num(correlation_matrix(A, B), nan=0.0))
+    rows, cols = _assignment(c)
+    out = np.full(c.shape[0], -1, dtype=np.int64)
+    out[rows] = cols
+    return out
 
 
 def mmcs(Da: Any, Db: Any, rotation: Any | None = None) -> float:

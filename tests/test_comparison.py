@@ -141,6 +141,21 @@ def test_mppc_and_matching():
     assert np.isnan(C.max_correlations(with_dead, a)[-1])
 
 
+def test_match_features_recovers_a_planted_permutation():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((500, 10))
+    perm = rng.permutation(10)
+    signs = rng.choice([-1.0, 1.0], 10)
+    b = a[:, perm] * signs + 0.3 * rng.standard_normal((500, 10))  # column j of b is ± column perm[j] of a
+    inverse = np.argsort(perm)
+    assert np.array_equal(C.match_features(a, b), inverse)  # the sign of a direction does not matter
+    # more features in a than in b: the extra ones stay unmatched (-1), the rest map one-to-one
+    wide = np.concatenate([a, rng.standard_normal((500, 3))], 1)
+    m = C.match_features(wide, b)
+    assert np.array_equal(m[:10], inverse) and np.array_equal(m[10:], [-1, -1, -1])
+    assert np.array_equal(np.sort(C.match_features(b, wide)), np.arange(10))
+
+
 def test_mppc_gaussian_null_level():
     # E max_j |r| over m independent features ≈ sqrt(2 ln m / n); the signed max is of the same order
     rng = np.random.default_rng(1)
@@ -225,7 +240,7 @@ def test_grouped_cka_fast_path_equals_reference(debiased):
     idx = rng.integers(0, 25, 25)
     take = np.concatenate([np.flatnonzero(groups == i) for i in idx])
     assert fast(idx) == pytest.approx(C.cka(x[take], y[take], debiased=debiased), abs=1e-10)
-    measure = lambda a, b: C.cka(a, b, debiased=debiased)  # noqa: E731
+    measure = lambda a, b: C.cka(a, b, debiased=debiased)
     slow = C.bootstrap_by_group(measure, x, y, groups, n_resamples=50, seed=3)
     quick = C.bootstrap_indices(fast, 25, n_resamples=50, seed=3)
     assert quick.value == pytest.approx(slow.value, abs=1e-10)

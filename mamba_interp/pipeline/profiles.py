@@ -8,10 +8,11 @@ live-feature activations for MPPC, decoder rows for MMCS). :func:`family_profile
 and each companion, loading the companions one at a time; results are cached by (model fingerprint, settings,
 inputs), so step 14 reuses what step 10 computed.
 
-For Mamba models on recall tasks it adds step 7's lookup measures per layer (the hidden-attention induction
-score and the knockout accuracy drop, ``temporal_causality``) and step 8's input influence at the longest length
-(memory horizon, top-source hit). Not yet in a profile (their modules are not part of this build): the step-5
-circuit and probe scores (``PENDING``).
+For Mamba models it adds step 4's k-sparse probes of every ground-truth variable at every layer and a few hooks
+(``probing.probe_model``: best site, score with CI, support; :func:`probe_profile`), and on recall tasks step 7's
+lookup measures per layer (the hidden-attention induction score and the knockout accuracy drop,
+``temporal_causality``) and step 8's input influence at the longest length (memory horizon, top-source hit). Not
+yet in a profile (its module is not part of this build): the step-5 circuit (``PENDING``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from torch import nn
 from mamba_interp import cross_model as XM
 from mamba_interp.pipeline.companions import Companion
 
-PENDING = ("circuit (step 5)", "probe scores (step 4)")
+PENDING = ("circuit (step 5): recurrence of its units, its size and sufficiency",)
+PROBE_HOOKS = ("resid_post", "x", "y")
+"""Hooks the profile probes at every layer: the residual stream, the SSM input (after conv) and output."""
 LOOKUP_THRESHOLD = 0.5
 """A layer is a model's lookup layer when its induction score (fraction of queries peaking at the source) is at
 least this."""
@@ -49,11 +52,16 @@ class ProfileSettings:
     sae_steps: int = 500
     influence_sequences: int = 16
     """Sequences at the longest length for the input influence (memory horizon, top-source hit)."""
+    probe_hooks: tuple[str, ...] = PROBE_HOOKS
+    probe_k: int = 8
+    """The k-sparse probes' k."""
+    probe_tokens: int = 1000
+    """Probed tokens per variable (step 4's class-balanced subsample)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps",
-                             "influence_sequences"))
+                             "influence_sequences", "probe_k", "probe_tokens"))
 
 
 def check_options(opts: Any, positive: tuple[str, ...]) -> None:
@@ -63,6 +71,15 @@ def check_options(opts: Any, positive: tuple[str, ...]) -> None:
         v = getattr(opts, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r} must be a positive integer")
+    if hasattr(opts, "probe_hooks"):
+        from mamba_interp.pipeline.config import HOOK_CHOICES
+
+        hooks = opts.probe_hooks
+        allowed = [h for h in HOOK_CHOICES if h != "state_norm"]
+        if isinstance(hooks, str) or not isinstance(hooks, (list, tuple)) or not hooks or any(
+                h not in allowed for h in hooks):
+            raise ValueError(f"probe_hooks={hooks!r} must be a non-empty list of hooks from {', '.join(allowed)}")
+        object.__setattr__(opts, "probe_hooks", tuple(dict.fromkeys(hooks)))
     if hasattr(opts, "length_multiples"):
         mult = opts.length_multiples
         if not isinstance(mult, (list, tuple)) or not mult or not all(
@@ -88,6 +105,8 @@ class ModelProfile:
     lookup: dict[str, Any] = field(default_factory=dict)
     """Mamba models on recall tasks (:func:`lookup_profile`): per layer the hidden-attention induction score and
     the knockout accuracy drop (step 7's), and at the longest length the memory horizon and top-source hit."""
+    probes: dict[str, Any] = field(default_factory=dict)
+    """Mamba models (:func:`probe_profile`): step 4's k-sparse probes of every variable at every probed site."""
     pending: tuple[str, ...] = PENDING
     extra: dict[str, Any] = field(default_factory=dict)
     """``null_streams``: the streams of a random-init model of the same architecture (Mamba models only)."""
@@ -98,7 +117,9 @@ class ModelProfile:
                 "d_model": self.d_model, "seed": self.seed,
                 "length": {k: {m: v[m] for m in ("accuracy", "loss", "n")} for k, v in self.length.items()},
                 "sae": {k: self.sae[k] for k in ("l0", "fvu", "dead_fraction", "d_sae", "live")},
-                "lookup": self.lookup_summary()}
+                "lookup": self.lookup_summary(),
+                "probes": {v: {k: b[k] for k in ("layer", "hook", "score", "score_ci", "k")}
+                           for v, b in self.probes.get("best", {}).items()}}
 
     def lookup_summary(self) -> dict[str, Any]:
         if not self.lookup:
@@ -167,6 +188,7 @@ def model_profile(model: nn.Module, task: Any, batch: Any, heldout: Any, setting
     if not XM.is_transformer(model):
         profile.extra["null_streams"] = random_init_streams(model, batch.tokens, settings.seed + 1000, batch_size)
         profile.lookup = lookup_profile(model, task, batch, settings, batch_size)
+        profile.probes = probe_profile(model, batch, settings, batch_size)
     _CACHE[key] = profile
     return profile
 
@@ -183,10 +205,12 @@ def peak_offset(rows: torch.Tensor, lookup: Any) -> dict[str, Any]:
     return {"peak_offset": int(values[counts.argmax()]), "peak_offset_share": float(counts.max() / offsets.size)}
 
 
-def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSettings, batch_size: int = 64
-                   ) -> dict[str, Any]:
-    """Step 7's per-layer lookup measures and step 8's influence at the longest length
-    (``temporal_causality``), for a task whose batches have a lookup source; {} otherwise."""
+def lookup_layers(model: nn.Module, batch: Any, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """Step 7's lookup measures at every layer (``temporal_causality``): the hidden-attention induction score (does
+    the query's row peak at the source p + 1?) with its per-sequence values, where the row peaks relative to p + 1,
+    and the accuracy lost when the source → query entry is knocked out (against a random source); the best layer
+    (highest score) and the lookup layer (score >= ``LOOKUP_THRESHOLD``, else None). {} if the batch has no lookup
+    source."""
     from mamba_interp import temporal_causality as TC
 
     lookup = TC.lookup_positions(batch)
@@ -197,10 +221,24 @@ def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSet
     for layer in range(model.cfg.n_layer):
         att = TC.lookup_attention(model, batch, layer, lookup, batch_size)
         score, per_seq = TC.induction_score(model, batch, layer, lookup, batch_size, attention=att)
-        ko = TC.knockout_accuracy_drop(model, batch, layer, lookup, batch_size, settings.seed, clean)
+        ko = TC.knockout_accuracy_drop(model, batch, layer, lookup, batch_size, seed, clean)
         layers[layer] = {"induction_score": score, "induction_per_seq": per_seq.double().numpy(),
                          "knockout_drop": ko["drop"], "knockout_control_drop": ko["control_drop"],
                          **peak_offset(att.rows, lookup)}
+    best = max(layers, key=lambda i: layers[i]["induction_score"])
+    return {"layers": layers, "best_layer": best,
+            "lookup_layer": best if layers[best]["induction_score"] >= LOOKUP_THRESHOLD else None}
+
+
+def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSettings, batch_size: int = 64
+                   ) -> dict[str, Any]:
+    """:func:`lookup_layers` and step 8's influence at the longest length (``temporal_causality``): memory horizon
+    and top-source hit per sequence, for a task whose batches have a lookup source; {} otherwise."""
+    from mamba_interp import temporal_causality as TC
+
+    out = lookup_layers(model, batch, settings.seed, batch_size)
+    if not out:
+        return {}
     mult = max(settings.length_multiples)
     long = task.sample(settings.influence_sequences, settings.seed + 7 * mult, seq_len=task.seq_len * mult,
                        split="test")
@@ -209,12 +247,71 @@ def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSet
     last = long_lookup.column(-1)
     horizon = TC.memory_horizon(infl[:, None], HORIZON_THRESHOLD, last.query)[:, 0]
     _, hits = TC.top_source_hit(model, long, lookup=long_lookup, influence=infl)
-    best = max(layers, key=lambda i: layers[i]["induction_score"])
-    return {"layers": layers, "best_layer": best,
-            "lookup_layer": best if layers[best]["induction_score"] >= LOOKUP_THRESHOLD else None,
-            "long": {"multiple": mult, "memory_horizon": horizon.double().numpy(),
-                     "answer_distance": (last.query - last.source)[:, 0].double().numpy(),
-                     "top_source_hit": hits.double().numpy()}}
+    out["long"] = {"multiple": mult, "memory_horizon": horizon.double().numpy(),
+                   "answer_distance": (last.query - last.source)[:, 0].double().numpy(),
+                   "top_source_hit": hits.double().numpy()}
+    return out
+
+
+def site(layer: int, hook: str) -> str:
+    """A probed site's label, ``"layer.hook"``."""
+    return f"{layer}.{hook}"
+
+
+def probe_profile(model: nn.Module, batch: Any, settings: ProfileSettings, batch_size: int = 64) -> dict[str, Any]:
+    """Step 4's k-sparse probes (``probing.probe_model``, without the control task that step 4 adds) of every
+    ground-truth variable of ``batch`` at every layer and each of ``settings.probe_hooks``; {} when the batch
+    defines no variable.
+
+    Returns ``best`` (``ProbeReport.best_table()``: per variable the best site, its held-out score with a CI over
+    sequences, the support), ``scores`` / ``supports`` ({variable: {site: held-out score / support}}), ``widths``
+    ({site: features}), ``acts`` ({site: [n_tokens, width] float32}, every token of the batch: for matching
+    dimensions across models) and ``heldout`` ({variable: (task, per-sequence sufficient statistics [S, m] of the
+    best probe's held-out predictions)}, refitted exactly as the search fitted it), from which
+    :func:`probe_error` recomputes 1 − score on resampled sequences."""
+    from mamba_interp.pipeline.activation_stats import collect_activations
+    from mamba_interp.probing import (
+        fit_probe,
+        prepare_variables,
+        probe_model,
+        split_indices,
+    )
+    from mamba_interp.probing.scores import _group_sums
+
+    layers = list(range(model.cfg.n_layer))
+    hooks = list(settings.probe_hooks)
+    acts = collect_activations(model, batch.tokens, layers, hooks, batch_size, attention_mask=batch.attention_mask)
+    data = prepare_variables(batch, acts.mask, None, settings.probe_tokens, seed=settings.seed)
+    if not data:
+        return {}
+    report = probe_model(model, batch, layers, hooks, variables=data, methods=("ksparse",), ks=(settings.probe_k,),
+                         k=settings.probe_k, control=False, acts=acts, batch_size=batch_size, seed=settings.seed,
+                         n_resamples=200)
+    best = report.best_table()
+    heldout = {}
+    for name, b in best.items():
+        var = data[name]
+        x = acts.tokens(b["hook"], b["layer"])[torch.as_tensor(var.rows)].double().numpy()
+        probe = fit_probe(x, var.y, "ksparse", k=b["k"], cv=3, groups=var.groups, seed=settings.seed, task=var.task,
+                          split=split_indices(len(var.y), var.groups, 0.25, settings.seed))
+        heldout[name] = (var.task, _group_sums(probe.heldout, var.task)[0])
+    scores: dict[str, dict[str, float]] = {}
+    supports: dict[str, dict[str, list[int]]] = {}
+    for r in report.records:
+        scores.setdefault(r.variable, {})[site(r.layer, r.hook)] = r.score.value
+        supports.setdefault(r.variable, {})[site(r.layer, r.hook)] = list(r.support)
+    flat = {site(i, h): acts.tokens(h, i).numpy() for h in hooks for i in layers}
+    return {"best": best, "scores": scores, "supports": supports, "acts": flat,
+            "widths": {k: int(v.shape[1]) for k, v in flat.items()}, "heldout": heldout,
+            "k": settings.probe_k, "skipped": dict(report.skipped)}
+
+
+def probe_error(task: str, sums: np.ndarray) -> float:
+    """1 − the held-out score (balanced accuracy or R²) from per-sequence sufficient statistics [S, m] (rows:
+    sequences, as :func:`probe_profile` keeps them), for resampling sequences in a scaling fit."""
+    from mamba_interp.probing.scores import _score_from_sums
+
+    return float(1.0 - _score_from_sums(np.asarray(sums).sum(0), task))
 
 
 def family_profiles(ctx: Any, companions: list[Companion], settings: ProfileSettings) -> list[ModelProfile]:

@@ -54,6 +54,10 @@ def test_step9_metrics_and_files(eq_run):
     for rows in m["length"].values():
         assert set(rows) == {"1x", "2x"} and "top_source_hit" in rows["1x"]
     assert "mppc_mamba_to_transformer" in m["features"] or "note" in m["features"]
+    lk = m["mamba_lookup"]  # step 7's measures on the Mamba side, one entry per layer
+    assert set(lk["layers"]) == {"0", "1"} and lk["best_layer"] in (0, 1)
+    for row in lk["layers"].values():
+        assert 0 <= row["induction_score"] <= 1 and len(row["knockout_drop"]["ci"]) == 2
     for f in ("cka.json", "head_scores.safetensors", "influence.safetensors", "cka.png", "head_scores.png",
               "influence.png"):
         assert f in res["artifacts"] and (eq_run / "step_09_equivalence" / f).is_file(), f
@@ -76,7 +80,7 @@ def test_step9_skips_without_transformer(task_model_dir, lm_model_dir, tmp_path)
     _, summary = run_pipeline(lm_model_dir, tmp_path / "lm", steps="9", compare="induction-transformer")
     res = read_result(tmp_path / "lm", "step_09_equivalence")
     assert res["status"] == "skipped" and "task model" in res["reason"]
-    _, summary = run_pipeline(task_model_dir, tmp_path / "other", steps="9", compare="induction-transformer")
+    run_pipeline(task_model_dir, tmp_path / "other", steps="9", compare="induction-transformer")
     res = read_result(tmp_path / "other", "step_09_equivalence")
     assert res["status"] == "skipped" and "another task" in res["reason"]
 
@@ -97,3 +101,6 @@ def test_step9_on_the_default_family(tmp_path):
     assert m["length"]["induction-mamba1"]["16x"]["accuracy"] > 0.9
     assert m["length"]["induction-transformer"]["16x"]["accuracy"] < 0.3
     assert m["cka"]["p_value"][0][0] < 0.05
+    lk = m["mamba_lookup"]
+    assert lk["lookup_layer"] is not None
+    assert lk["layers"][str(lk["lookup_layer"])]["knockout_drop"]["ci"][0] > 0.1

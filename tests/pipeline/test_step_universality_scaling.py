@@ -13,7 +13,7 @@ from mamba_interp import HookedMamba, MambaConfig
 from mamba_interp.pipeline import profiles
 
 FAST = {"sequences": 8, "length_multiples": [1, 2], "long_sequences": 6, "sae_steps": 20, "bootstrap": 20,
-        "influence_sequences": 4, "rotations": 3}
+        "influence_sequences": 4, "rotations": 3, "probe_tokens": 100, "probe_threshold": 0.6, "null_samples": 100}
 CARD = {"task": "induction", "task_params": {"vocab_size": 16, "seq_len": 24}}
 
 
@@ -57,6 +57,10 @@ def test_step10_pairs_and_summary(fam_run):
     assert lk["n_models"] == 2 and isinstance(lk["recurs"], bool) and len(lk["knockout_drop"]["ci"]) == 2
     assert set(lk["per_model"]) == {"m1task0", "seed7"}
     assert set(m["models"][0]["lookup"]["induction_score"]) == {"0", "1"}
+    assert {"probe_sites", "probe_best_site"} <= set(pair) and pair["probe_sites"]["cells"] == 6 * len(
+        m["probe_scores"])  # every variable at 2 layers x 3 hooks
+    assert {"probe_sites_jaccard", "probe_best_site"} <= set(m["seeds"]["summary"])
+    assert set(m["probe_scores"]["token"]) == {"m1task0", "seed7", "d16", "d24"}
     assert m["pending"] and "cka_across_models.png" in res["artifacts"]
 
 
@@ -67,7 +71,8 @@ def test_step14_table_and_fits(fam_run):
     assert [row["d_model"] for row in m["table"]] == [16, 24, 32, 32]
     fits = m["fits"]
     assert {"loss_1x", "loss_2x", "error_1x", "sae_fvu", "induction_score", "memory_horizon_2x",
-            "top_source_hit_2x"} <= set(fits)
+            "top_source_hit_2x", "probe_error_token"} <= set(fits)
+    assert set(m["table"][0]["probes"]["token"]) == {"layer", "hook", "score", "score_ci", "k"}
     for f in fits.values():
         assert "exponent" in f or "not_fitted" in f
         assert len(f["values"]) == 4
@@ -110,16 +115,20 @@ def test_steps_10_14_on_the_default_family(tmp_path):
     assert summary.exit_code == 0
     m10 = read_result(tmp_path / "run", "step_10_universality")["metrics"]
     assert len(m10["seeds"]["pairs"]) == 3
-    for s in m10["seeds"]["summary"].values():
-        assert s["n_pairs"] == 3 and s["null_mean"] is not None
+    summary = m10["seeds"]["summary"]
+    for q in ("representations_cka_last", "features_mppc", "features_mmcs", "probe_sites_jaccard",
+              "probe_supports_jaccard"):
+        assert summary[q]["n_pairs"] == 3 and summary[q]["null_mean"] is not None and len(summary[q]["ci"]) == 2
+    assert summary["lookup"]["n_models"] == 3
     m14 = read_result(tmp_path / "run", "step_14_scaling")["metrics"]
     assert len({row["n_params"] for row in m14["table"]}) == 3
     assert "exponent" in m14["fits"]["sae_fvu"] and "exponent" in m14["fits"]["loss_16x"]
+    assert any(k.startswith("probe_error_") for k in m14["fits"])
 
 
 def test_options_validation():
-    from mamba_interp.pipeline.registry import get_step
     from mamba_interp.pipeline.config import UsageError
+    from mamba_interp.pipeline.registry import get_step
 
     for step in ("equivalence", "universality", "scaling"):
         with pytest.raises(UsageError, match="length_multiples"):

@@ -29,6 +29,11 @@ has no task, or when the transformer was trained on another task.
    null of the other side's latent space; raw residual dimensions ("neurons") as the baseline and a second SAE seed
    on the Mamba model as the skyline.
 
+5. The Mamba side of the mechanism, beside the transformer's: step 7's lookup measures at every Mamba layer
+   (``profiles.lookup_layers``: does the final query's hidden-attention row peak at p + 1, and how much accuracy is
+   lost when that one source → query entry is knocked out, against a random source) — where the Mamba model reads
+   the answer back, as the induction heads' attention on p + 1 and their patching do for the transformer.
+
 Not yet here: the Mamba circuit of step 5 side by side with the transformer's (the circuits step is not part of
 this build).
 
@@ -39,7 +44,8 @@ Metrics: ``transformer``, ``cka`` (``matrix``, ``ci``, ``p_value``, ``null_mean`
 after each block restored at p + 1 or at the query: where the transformer keeps the answer), ``length`` (per model
 and length: accuracy with CI, top-source hit with CI, answer share, influence by distance),
 ``card_accuracy_by_seq_len`` (both zoo cards' reference numbers), ``features`` (MPPC both ways with nulls,
-baseline, skyline). Files: ``cka.json``, ``head_scores.safetensors``, ``influence.safetensors``.
+baseline, skyline), ``mamba_lookup`` (per Mamba layer: ``induction_score``, ``peak_offset`` and its share,
+``knockout_drop`` and ``knockout_control_drop`` with CIs; ``best_layer``, ``lookup_layer``). Files: ``cka.json``, ``head_scores.safetensors``, ``influence.safetensors``.
 """
 
 from __future__ import annotations
@@ -54,9 +60,17 @@ from mamba_interp import attention_heads as AH
 from mamba_interp import comparison as C
 from mamba_interp import cross_model as XM
 from mamba_interp import temporal_causality as TC
-from mamba_interp.pipeline.companions import Companion, no_companions_reason, resolve_companions
+from mamba_interp.pipeline.companions import (
+    Companion,
+    no_companions_reason,
+    resolve_companions,
+)
 from mamba_interp.pipeline.context import StepContext, StepResult
-from mamba_interp.pipeline.profiles import check_options
+from mamba_interp.pipeline.profiles import (
+    LOOKUP_THRESHOLD,
+    check_options,
+    lookup_layers,
+)
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 from mamba_interp.stats import estimate
 
@@ -335,7 +349,7 @@ def _figures(ctx: StepContext, cka: dict, mech: dict, length: dict, names: tuple
 
 
 def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats: dict, opts: Options,
-             card_acc: dict[str, dict], task_len: int) -> str:
+             card_acc: dict[str, dict], task_len: int, mamba_lookup: dict | None = None) -> str:
     m_name, t_name = names
     mat = np.array(cka["matrix"])
     last = mat.shape[0] - 1
@@ -390,6 +404,22 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
                      f"restores {sup['restored']:.2f} [{sup['ci'][0]:.2f}, {sup['ci'][1]:.2f}] of the answer's "
                      f"log-probability{attends}, so it supplies 'the token before p + 1 was the trigger' (others: "
                      f"{', '.join(others)}).")
+    if mamba_lookup:
+        layer = str(mamba_lookup["best_layer"])
+        row = mamba_lookup["layers"][layer]
+        ko, ctrl = row["knockout_drop"], row["knockout_control_drop"]
+        others = ", ".join(f"layer {i} {v['induction_score']:.2f}" for i, v in mamba_lookup["layers"].items()
+                           if i != layer)
+        measured = (f"the final query's hidden-attention row peaks at p + 1 for {row['induction_score']:.0%} of "
+                    f"sequences ({others}), and knocking out that one p + 1 → query entry there costs "
+                    f"{ko['value']:.2f} [{ko['ci'][0]:.2f}, {ko['ci'][1]:.2f}] accuracy (a random source: "
+                    f"{ctrl['value']:.2f})")
+        if mamba_lookup["lookup_layer"] is not None:
+            parts.append(f"Mamba reads the answer back in layer {layer}: {measured} — it reads what the SSM state "
+                         "took in at p + 1, the position the transformer's induction heads attend to.")
+        else:
+            parts.append(f"No Mamba layer's hidden attention peaks at p + 1 for >= {LOOKUP_THRESHOLD:.0%} of "
+                         f"sequences; in the best, layer {layer}, {measured}.")
     acc = {name: {k: v["accuracy"] for k, v in rows.items()} for name, rows in length.items()}
     longest = f"{max(opts.length_multiples)}x"
     if all(longest in a for a in acc.values()):
@@ -446,6 +476,11 @@ def run(ctx: StepContext) -> StepResult:
         best = max(cands, key=lambda k: cands[k][0])
         mech["previous_token_supplier"] = {"component": best, "restored": cands[best][0], "ci": cands[best][1],
                                            "value_trigger_score": cands[best][2]}
+    lookup = lookup_layers(ctx.model, batch, ctx.seed, ctx.batch_size)
+    mamba_lookup = {} if not lookup else {
+        "layers": {str(i): {k: v[k] for k in ("induction_score", "peak_offset", "peak_offset_share", "knockout_drop",
+                                              "knockout_control_drop")} for i, v in lookup["layers"].items()},
+        "best_layer": lookup["best_layer"], "lookup_layer": lookup["lookup_layer"]}
     length, infl = influence_at_lengths({ctx.source.name: ctx.model, comp.name: baseline}, task, opts,
                                         ctx.seed, ctx.batch_size)
     train_x = _flat(XM.residual_streams(ctx.model, heldout.tokens, ctx.batch_size))[-1]
@@ -473,9 +508,10 @@ def run(ctx: StepContext) -> StepResult:
         "answer_location": mech.get("answer_location"),
         "length": length,
         "features": feats,
+        "mamba_lookup": mamba_lookup,
         "mamba_circuit": None,
         "pending": ["the Mamba circuit of step 5 (circuits module not in this build)"],
     }
-    reading = _reading(names, cka, mech, length, feats, opts, card_acc, task.seq_len)
+    reading = _reading(names, cka, mech, length, feats, opts, card_acc, task.seq_len, mamba_lookup)
     return StepResult(metrics=metrics, reading=reading,
                       data={"transformer": comp, "cka": cka, "mechanism": mech})

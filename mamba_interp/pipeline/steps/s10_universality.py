@@ -17,17 +17,23 @@ pair of seeds (every pair) and each (analysed model, other size) pair:
   latent space, and MMCS of the decoder directions after mapping the first model's residual basis onto the
   second's by orthogonal Procrustes on the shared tokens (``comparison.procrustes_rotation``; two models' bases are
   unrelated until aligned), against Haar-random rotations in place of the Procrustes map.
+* Probes (step 4's k-sparse probes of every ground-truth variable at every layer and the profile's hooks,
+  ``probing.probe_model``): do the same sites decode the same variables (Jaccard of the decoded (variable, layer,
+  hook) cells against random cell sets), is each variable's best site the same, and do the supports recur — the
+  first model's support mapped onto the second's dimensions by a one-to-one matching of their activations
+  (``comparison.match_features``), Jaccard with the second's support against random supports.
 
 One statistic per question and group: the mean over pairs with a t-interval over the pairs (pairs share seeds, so
 the interval is optimistic; each pair's own CI and null are listed), and "recurs" when every pair beats its null.
 
-Not yet here (their modules are not part of this build): circuit recurrence (step 5: Jaccard of (layer, hook,
-position class) units against random circuits, ``comparison.jaccard`` / ``random_jaccard_null``) and probe
-supports (step 4) — listed under ``pending``.
+Not yet here (its module is not part of this build): circuit recurrence (step 5: Jaccard of (layer, hook,
+position class) units against random circuits, ``comparison.jaccard`` / ``random_jaccard_null``) — listed under
+``pending``.
 
 Metrics: ``models`` (each profile's summary), ``seeds`` / ``sizes`` (``pairs``: per pair ``cka`` by stream,
-``mppc``, ``mmcs``; ``summary``: per question value, t-interval, ``recurs``, and ``lookup``), ``behaviour``
-(accuracy at each length per model), ``pending``.
+``mppc``, ``mmcs``, ``probe_sites``, ``probe_supports``, ``probe_best_site``; ``summary``: per question value,
+t-interval, ``recurs``, and ``lookup``), ``behaviour`` (accuracy at each length per model), ``probe_scores``
+(per variable, each model's best probe score), ``pending``.
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.profiles import (
     LOOKUP_THRESHOLD,
     PENDING,
+    PROBE_HOOKS,
     ModelProfile,
     ProfileSettings,
     check_options,
     family_profiles,
+    site,
 )
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 
@@ -63,14 +71,25 @@ class Options:
     sae_k: int = 8
     sae_steps: int = 500
     influence_sequences: int = 16
+    probe_hooks: tuple[str, ...] = PROBE_HOOKS
+    probe_k: int = 8
+    probe_tokens: int = 1000
     bootstrap: int = 200
     """Sequence-bootstrap resamples per CKA."""
     rotations: int = 20
     """Random rotations per MPPC / MMCS null."""
+    probe_threshold: float = 0.9
+    """A site decodes a variable when its k-sparse probe's held-out score (balanced accuracy, or R²) is at least
+    this."""
+    null_samples: int = 1000
+    """Random sets per Jaccard null (probe sites and supports)."""
 
     def __post_init__(self) -> None:
         check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps",
-                             "influence_sequences", "bootstrap", "rotations"))
+                             "influence_sequences", "probe_k", "probe_tokens", "bootstrap", "rotations",
+                             "null_samples"))
+        if not 0 < self.probe_threshold <= 1:
+            raise ValueError(f"probe_threshold={self.probe_threshold} must be in (0, 1]")
 
     def profile_settings(self, seed: int) -> ProfileSettings:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ProfileSettings) if f.name != "seed"}
@@ -100,7 +119,8 @@ def t_interval(values: list[float], confidence: float = 0.95) -> list[float]:
 
 
 def pair_similarity(a: ModelProfile, b: ModelProfile, groups: np.ndarray, opts: Options, seed: int) -> dict:
-    """CKA per stream (with CI and random-init null), MPPC and MMCS (with rotation nulls) of profiles a → b."""
+    """CKA per stream (with CI and random-init null), MPPC and MMCS (with rotation nulls) and the recurrence of
+    probes (:func:`probe_recurrence`) of profiles a → b."""
     n_groups = len(np.unique(groups))
     cka = {}
     null_streams = b.extra.get("null_streams")
@@ -126,27 +146,88 @@ def pair_similarity(a: ModelProfile, b: ModelProfile, groups: np.ndarray, opts: 
             q = C.random_rotation(max(da.shape[1], db.shape[1]), rng)[: da.shape[1], : db.shape[1]]
             null.append(C.mmcs(da, db, rotation=q))
         out["mmcs"] = C.null_test(C.mmcs(da, db, rotation=rot), null, "random rotation").to_dict()
+    if a.probes and b.probes:
+        out.update(probe_recurrence(a.probes, b.probes, opts.probe_threshold, opts.null_samples, seed))
     return out
 
 
+def probe_recurrence(pa: dict[str, Any], pb: dict[str, Any], threshold: float, n_null: int = 1000, seed: int = 0
+                     ) -> dict[str, Any]:
+    """Do two models' probes (``profiles.probe_profile``) recur?
+
+    * ``probe_sites``: Jaccard of the (variable, layer, hook) cells each model decodes (k-sparse held-out score
+      >= ``threshold``) among the cells probed in both, against random cell sets of the same sizes
+      (``comparison.random_jaccard_null``).
+    * ``probe_supports``: per variable that both models decode at a's best site, a's k-sparse support there
+      mapped onto b's dimensions by the one-to-one matching of the two models' activations at that site
+      (``comparison.match_features``: two models' dimensions are unrelated until matched) against b's support
+      there; the mean Jaccard over those variables against the mean of random supports of the same sizes.
+    * ``probe_best_site``: each variable's best site in both models (the summary counts the agreements)."""
+    cells = sorted({(v, s) for v, row in pa["scores"].items() for s in row}
+                   & {(v, s) for v, row in pb["scores"].items() for s in row})
+    decoded = [{c for c in cells if p["scores"][c[0]][c[1]] >= threshold} for p in (pa, pb)]
+    sites = C.null_test(C.jaccard(*decoded), C.random_jaccard_null(len(decoded[0]), len(decoded[1]), len(cells),
+                                                                   n_null, seed), "random cells").to_dict()
+    sites.update(decoded_a=len(decoded[0]), decoded_b=len(decoded[1]), cells=len(cells), threshold=threshold)
+    per_var: dict[str, Any] = {}
+    nulls = []
+    for k, (var, best) in enumerate(sorted(pa["best"].items())):
+        at = profile_site(best)
+        if min(best["score"], pb["scores"].get(var, {}).get(at, -np.inf)) < threshold:
+            continue  # the support of a probe that does not decode the variable says nothing about it
+        mapping = C.match_features(pa["acts"][at], pb["acts"][at])
+        mapped = {int(mapping[i]) for i in best["support"] if mapping[i] >= 0}
+        sup_b = pb["supports"][var][at]
+        null = C.random_jaccard_null(len(mapped), len(sup_b), pb["widths"][at], n_null, seed + k)
+        nulls.append(null)
+        per_var[var] = {"site": at, "jaccard": C.jaccard(mapped, sup_b), "null_mean": float(null.mean()),
+                        "score_a": best["score"], "score_b": pb["scores"][var][at]}
+    both = sorted(set(pa["best"]) & set(pb["best"]))
+    out: dict[str, Any] = {"probe_sites": sites, "probe_best_site": {
+        v: [profile_site(pa["best"][v]), profile_site(pb["best"][v])] for v in both}}
+    if per_var:
+        obs = float(np.mean([v["jaccard"] for v in per_var.values()]))
+        out["probe_supports"] = {**C.null_test(obs, np.mean(nulls, axis=0), "random supports").to_dict(),
+                                 "per_variable": per_var, "k": pa["k"]}
+    return out
+
+
+def profile_site(best: dict[str, Any]) -> str:
+    return site(best["layer"], best["hook"])
+
+
 def _summary(pairs: dict[str, dict], last_stream: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    """Per question: the mean over pairs with a t-interval, the mean null, and whether every pair beats its null."""
+    def null_test_q(key: str) -> tuple:
+        return (lambda p: p[key]["observed"] if key in p else float("nan"),
+                lambda p: key in p and p[key]["p_value"] < 0.05,
+                lambda p: p[key]["null_mean"] if key in p else None)
+
+    def cka_value(p: dict) -> float:
+        return p["cka"][last_stream]["value"]
+
     questions = {
-        "representations_cka_last": (lambda p: p["cka"][last_stream]["value"],
-                                     lambda p: p["cka"][last_stream].get("above_null")),
-        "features_mppc": (lambda p: p["mppc"]["observed"] if "mppc" in p else float("nan"),
-                          lambda p: "mppc" in p and p["mppc"]["p_value"] < 0.05),
-        "features_mmcs": (lambda p: p["mmcs"]["observed"] if "mmcs" in p else float("nan"),
-                          lambda p: "mmcs" in p and p["mmcs"]["p_value"] < 0.05),
+        "representations_cka_last": (cka_value, lambda p: p["cka"][last_stream].get("above_null"),
+                                     lambda p: p["cka"][last_stream].get("random_init", {}).get("value")),
+        "features_mppc": null_test_q("mppc"),
+        "features_mmcs": null_test_q("mmcs"),
+        "probe_sites_jaccard": null_test_q("probe_sites"),
+        "probe_supports_jaccard": null_test_q("probe_supports"),
     }
-    for q, (value, beats) in questions.items():
+    out: dict[str, Any] = {}
+    for q, (value, beats, null) in questions.items():
+        if q.startswith("probe") and not any(q[:-len("_jaccard")] in p for p in pairs.values()):
+            continue  # no probes (e.g. no task variable)
         vals = [value(p) for p in pairs.values()]
-        nulls = [p["cka"][last_stream]["random_init"]["value"] if q.startswith("repr") and "random_init" in
-                 p["cka"][last_stream] else p.get(q.split("_")[1], {}).get("null_mean") for p in pairs.values()]
+        nulls = [v for v in (null(p) for p in pairs.values()) if v is not None]
         out[q] = {"value": float(np.nanmean(vals)), "ci": t_interval(vals), "n_pairs": len(vals),
-                  "null_mean": float(np.nanmean([v for v in nulls if v is not None])) if any(
-                      v is not None for v in nulls) else None,
+                  "null_mean": float(np.nanmean(nulls)) if nulls else None,
                   "recurs": bool(all(beats(p) for p in pairs.values())), "per_pair": vals}
+    same = [float(np.mean([a == b for a, b in p["probe_best_site"].values()])) for p in pairs.values()
+            if p.get("probe_best_site")]
+    if same:
+        out["probe_best_site"] = {"value": float(np.mean(same)), "ci": t_interval(same), "n_pairs": len(same),
+                                  "per_pair": same}
     return out
 
 
@@ -175,6 +256,12 @@ def lookup_recurrence(models: list[ModelProfile]) -> dict[str, Any] | None:
             "knockout_drop": {"value": float(np.mean(drops)), "ci": t_interval(drops),
                               "control_mean": float(np.mean([v["control_drop"] for v in per.values()]))},
             "n_models": len(with_lookup)}
+
+
+def probe_scores(models: list[ModelProfile]) -> dict[str, dict[str, float | None]]:
+    """{variable: {model: its best k-sparse probe's held-out score (None: not probed)}}."""
+    names = sorted({v for m in models for v in m.probes.get("best", {})})
+    return {v: {m.name: m.probes.get("best", {}).get(v, {}).get("score") for m in models} for v in names}
 
 
 def _figure(ctx: StepContext, results: dict[str, dict]) -> None:
@@ -219,6 +306,19 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
                      f"{_fmt(s['representations_cka_last'], 'random-init model')}; SAE-feature MPPC "
                      f"{_fmt(s['features_mppc'], 'rotation null')}; decoder MMCS after Procrustes "
                      f"{_fmt(s['features_mmcs'], 'random rotations')}.")
+        if "probe_sites_jaccard" in s:
+            parts.append(f"Probes: Jaccard of the sites that decode each variable (score >= "
+                         f"{next(iter(res['pairs'].values()))['probe_sites']['threshold']}) "
+                         f"{_fmt(s['probe_sites_jaccard'], 'random cells')}")
+            if "probe_supports_jaccard" in s:
+                parts[-1] += (f"; Jaccard of the k-sparse supports at the first model's best site (variables both "
+                              f"decode there) after matching dimensions "
+                              f"{_fmt(s['probe_supports_jaccard'], 'random supports')}")
+            if "probe_best_site" in s:
+                b = s["probe_best_site"]
+                parts[-1] += (f"; the best site agrees for {b['value']:.0%} [{b['ci'][0]:.0%}, {b['ci'][1]:.0%}] of "
+                              "the variables")
+            parts[-1] += "."
         lk = s.get("lookup")
         if lk:
             def where(v: dict) -> str:
@@ -231,6 +331,11 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
                          f"peaks at p + 1 for >= {lk['threshold']:.0%} of queries"
                          + (" and it is the same layer in all." if lk["recurs"] else
                             ", so this lookup does not recur across them."))
+    scores = probe_scores(profiles)
+    if scores:
+        parts.append("Best k-sparse probe score per variable (" + ", ".join(p.name for p in profiles) + "): "
+                     + "; ".join(f"{v} " + "/".join(f"{x:.2f}" if x is not None else "–" for x in row.values())
+                                 for v, row in scores.items()) + ".")
     parts.append("Intervals are t-intervals over pairs, which share models (optimistic). Not measured yet: "
                  + "; ".join(PENDING) + ".")
     return " ".join(parts)
@@ -266,6 +371,7 @@ def run(ctx: StepContext) -> StepResult:
         "models": [p.summary() for p in profiles],
         **results,
         "behaviour": {p.name: {k: v["accuracy"] for k, v in p.length.items()} for p in profiles},
+        "probe_scores": probe_scores(profiles),
         "pending": list(PENDING),
     }
     return StepResult(metrics=metrics, reading=_reading(results, profiles), data={"profiles": profiles})

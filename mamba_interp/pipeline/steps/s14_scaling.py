@@ -5,7 +5,8 @@ the zoo family's sizes and seeds, or ``--compare``), each measured once with the
 (``pipeline/profiles.py``). Per size (every seed at that size is a point of its own): loss and error rate at each
 multiple of the training length, the FVU of a TopK SAE at its fixed L0 (k) on the last residual stream, and for
 recall tasks step 7's best-layer induction score and step 8's memory horizon and top-source hit at the longest
-length (``temporal_causality``).
+length (``temporal_causality``), and per ground-truth variable the error (1 − held-out score) of its best k-sparse
+probe (step 4's ``probing.probe_model``; the CI resamples the probe's held-out sequences).
 Against the parameter count N, each quantity gets a two-parameter log-log fit y = a·N^b (``scaling.power_law_fit``)
 with a bootstrap CI on the exponent (examples resampled within each point) where at least three distinct sizes
 exist; a quantity that is 0 at some size (a perfect accuracy) is not fitted.
@@ -15,22 +16,24 @@ What three sizes can support: the sign of a trend and a rough slope over the ~16
 covers the measurement noise of the per-size values only. Where the largest size has several seeds, the spread
 between them is set beside the change across sizes: a trend smaller than the seed spread is not a size effect.
 
-Not yet here (their modules are not part of this build): best probe scores (step 4), circuit size and sufficiency
-(steps 5, 6) — listed under ``pending``.
+Not yet here (its module is not part of this build): circuit size and sufficiency (steps 5, 6) — listed under
+``pending``.
 
-Metrics: ``table`` (one row per model: n_params, d_model, seed, per length accuracy and loss, SAE FVU / L0),
+Metrics: ``table`` (one row per model: n_params, d_model, seed, per length accuracy and loss, SAE FVU / L0, the
+best probe per variable),
 ``fits`` (per quantity: exponent with CI, prefactor, R², points; or ``not_fitted`` with the reason),
 ``seed_spread`` (per quantity, the range across seeds at the largest size), ``pending``.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from mamba_interp.pipeline.context import StepContext, StepResult
-from mamba_interp.pipeline.profiles import PENDING, ModelProfile
+from mamba_interp.pipeline.profiles import PENDING, ModelProfile, probe_error
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 from mamba_interp.pipeline.steps.s10_universality import Options, same_family
 from mamba_interp.scaling import MIN_SIZES, power_law_fit
@@ -53,6 +56,8 @@ def quantities(p: ModelProfile) -> dict[str, tuple[np.ndarray, Any]]:
         long = p.lookup["long"]
         out[f"memory_horizon_{long['multiple']}x"] = (long["memory_horizon"], np.mean)
         out[f"top_source_hit_{long['multiple']}x"] = (long["top_source_hit"], np.mean)
+    for var, (task, sums) in p.probes.get("heldout", {}).items():  # rows: the best probe's held-out sequences
+        out[f"probe_error_{var}"] = (sums, partial(probe_error, task))
     return out
 
 
@@ -83,8 +88,9 @@ def seed_spread(profiles: list[ModelProfile]) -> dict[str, Any]:
     if len(at_top) < 2:
         return {}
     qs = [quantities(p) for p in at_top]
+    common = [name for name in qs[0] if all(name in q for q in qs)]
     return {name: {"min": float(min(q[name][1](q[name][0]) for q in qs)),
-                   "max": float(max(q[name][1](q[name][0]) for q in qs)), "seeds": len(at_top)} for name in qs[0]}
+                   "max": float(max(q[name][1](q[name][0]) for q in qs)), "seeds": len(at_top)} for name in common}
 
 
 def _figure(ctx: StepContext, profiles: list[ModelProfile], fits: dict[str, Any]) -> None:
@@ -94,10 +100,11 @@ def _figure(ctx: StepContext, profiles: list[ModelProfile], fits: dict[str, Any]
     import matplotlib.pyplot as plt
 
     names = list(fits)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, 5, figsize=(22, 3.8), layout="constrained")
     sizes = np.array([p.n_params for p in profiles], dtype=float)
     grid = np.geomspace(sizes.min(), sizes.max(), 50)
-    for ax, prefix in zip(axes, ("loss_", "error_", "sae_fvu", ("induction", "memory", "top_source"))):
+    for ax, prefix in zip(axes, ("loss_", "error_", "sae_fvu", ("induction", "memory", "top_source"),
+                                 "probe_error_")):
         for name in (n for n in names if n.startswith(prefix)):
             vals = np.array(fits[name]["values"])
             pos = vals > 0  # a log axis cannot show zeros (e.g. no error at all)
@@ -106,7 +113,8 @@ def _figure(ctx: StepContext, profiles: list[ModelProfile], fits: dict[str, Any]
             if "exponent" in fits[name]:
                 ax.plot(grid, fits[name]["prefactor"] * grid ** fits[name]["exponent"], "-", color=line.get_color(),
                         lw=1)
-        title = "lookup (steps 7, 8)" if isinstance(prefix, tuple) else prefix.strip("_")
+        title = ("lookup (steps 7, 8)" if isinstance(prefix, tuple) else
+                 "probe error (1 - score)" if prefix == "probe_error_" else prefix.strip("_"))
         ax.set(xscale="log", yscale="log", xlabel="parameters N", title=title)
         ax.legend(fontsize=6)
     ctx.save_figure(fig, "scaling")
