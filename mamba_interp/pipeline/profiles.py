@@ -11,13 +11,16 @@ inputs), so step 14 reuses what step 10 computed.
 For Mamba models it adds step 4's k-sparse probes of every ground-truth variable at every layer and a few hooks
 (``probing.probe_model``: best site, score with CI, support; :func:`probe_profile`), and on recall tasks step 7's
 lookup measures per layer (the hidden-attention induction score and the knockout accuracy drop,
-``temporal_causality``) and step 8's input influence at the longest length (memory horizon, top-source hit). Not
-yet in a profile (its module is not part of this build): the step-5 circuit (``PENDING``).
+``temporal_causality``) and step 8's input influence at the longest length (memory horizon, top-source hit), and
+when ``mamba_interp.circuits`` is part of the build, step 5's circuit (:func:`circuit_profile`: the AtP-grown,
+patching-pruned circuit of ``find_circuit`` and its held-out sufficiency from ``evaluate_circuit``, as steps 5 and 6
+measure it). Without that module the circuit is listed by :func:`pending` instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +31,20 @@ from torch import nn
 from mamba_interp import cross_model as XM
 from mamba_interp.pipeline.companions import Companion
 
-PENDING = ("circuit (step 5): recurrence of its units, its size and sufficiency",)
+PENDING = ("circuit (step 5): recurrence of its units, its size and sufficiency (the mamba_interp.circuits module is "
+           "not part of this build)",)
+
+
+def circuits_available() -> bool:
+    """Whether ``mamba_interp.circuits`` (steps 5 and 6) is importable in this build."""
+    return importlib.util.find_spec("mamba_interp.circuits") is not None
+
+
+def pending() -> tuple[str, ...]:
+    """What the profiles cannot measure in this build (``PENDING`` when the circuits module is missing)."""
+    return () if circuits_available() else PENDING
+
+
 PROBE_HOOKS = ("resid_post", "x", "y")
 """Hooks the profile probes at every layer: the residual stream, the SSM input (after conv) and output."""
 LOOKUP_THRESHOLD = 0.5
@@ -36,6 +52,12 @@ LOOKUP_THRESHOLD = 0.5
 least this."""
 HORIZON_THRESHOLD = 0.1
 """Memory horizon: the farthest source whose influence is at least this fraction of the peak (step 8's)."""
+
+
+PROFILE_POSITIVE = ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps", "influence_sequences",
+                    "probe_k", "probe_tokens", "circuit_sequences", "circuit_max_evals", "circuit_random")
+CIRCUIT_THRESHOLD = 0.9
+"""The circuit restores at least this fraction of the logit difference on its search batch (step 5's default)."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +79,16 @@ class ProfileSettings:
     """The k-sparse probes' k."""
     probe_tokens: int = 1000
     """Probed tokens per variable (step 4's class-balanced subsample)."""
+    circuit_sequences: int = 32
+    """Sequences of step 1's batch the circuit is searched on; twice as many held-out ones test it."""
+    circuit_max_evals: int = 60
+    """Real patches the circuit search may spend (``find_circuit``'s ``max_evals``)."""
+    circuit_random: int = 20
+    """Random circuits of the same layout in the sufficiency null (``evaluate_circuit``'s ``n_random``)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps",
-                             "influence_sequences", "probe_k", "probe_tokens"))
+        check_options(self, PROFILE_POSITIVE)
 
 
 def check_options(opts: Any, positive: tuple[str, ...]) -> None:
@@ -107,7 +134,10 @@ class ModelProfile:
     the knockout accuracy drop (step 7's), and at the longest length the memory horizon and top-source hit."""
     probes: dict[str, Any] = field(default_factory=dict)
     """Mamba models (:func:`probe_profile`): step 4's k-sparse probes of every variable at every probed site."""
-    pending: tuple[str, ...] = PENDING
+    circuit: dict[str, Any] = field(default_factory=dict)
+    """Mamba models on tasks with a corrupted partner, when the circuits module is present
+    (:func:`circuit_profile`)."""
+    pending: tuple[str, ...] = field(default_factory=pending)
     extra: dict[str, Any] = field(default_factory=dict)
     """``null_streams``: the streams of a random-init model of the same architecture (Mamba models only)."""
 
@@ -119,7 +149,8 @@ class ModelProfile:
                 "sae": {k: self.sae[k] for k in ("l0", "fvu", "dead_fraction", "d_sae", "live")},
                 "lookup": self.lookup_summary(),
                 "probes": {v: {k: b[k] for k in ("layer", "hook", "score", "score_ci", "k")}
-                           for v, b in self.probes.get("best", {}).items()}}
+                           for v, b in self.probes.get("best", {}).items()},
+                "circuit": {k: v for k, v in self.circuit.items() if k not in ("circuit", "example_sufficiency")}}
 
     def lookup_summary(self) -> dict[str, Any]:
         if not self.lookup:
@@ -189,6 +220,7 @@ def model_profile(model: nn.Module, task: Any, batch: Any, heldout: Any, setting
         profile.extra["null_streams"] = random_init_streams(model, batch.tokens, settings.seed + 1000, batch_size)
         profile.lookup = lookup_profile(model, task, batch, settings, batch_size)
         profile.probes = probe_profile(model, batch, settings, batch_size)
+        profile.circuit = circuit_profile(model, task, batch, heldout, settings, batch_size)
     _CACHE[key] = profile
     return profile
 
@@ -251,6 +283,45 @@ def lookup_profile(model: nn.Module, task: Any, batch: Any, settings: ProfileSet
                    "answer_distance": (last.query - last.source)[:, 0].double().numpy(),
                    "top_source_hit": hits.double().numpy()}
     return out
+
+
+def circuit_profile(model: nn.Module, task: Any, batch: Any, heldout: Any, settings: ProfileSettings,
+                    batch_size: int = 64) -> dict[str, Any]:
+    """Step 5's circuit of ``model`` and step 6's test of it (``mamba_interp.circuits``): ``find_circuit`` on the
+    first ``circuit_sequences`` sequences of ``batch`` and their corrupted partners (``task.corrupt``) at
+    threshold ``CIRCUIT_THRESHOLD``, then ``evaluate_circuit`` on twice as many held-out sequences with
+    ``circuit_random`` random circuits of the same layout. {} when the circuits module is not part of the build or
+    the task has no corrupted partner.
+
+    Returns ``sites`` (the circuit's sorted (layer, hook, position class) sites), ``n_sites`` (candidate sites the
+    search scored: patched hooks × position classes), ``units``, ``channels`` (its size), ``reached``,
+    ``search_sufficiency``, the held-out ``sufficiency`` with ``sufficiency_ci``, ``random_sufficiency_mean``,
+    ``p_value``, ``example_sufficiency`` ([n] per held-out example) and ``circuit`` (``Circuit.to_dict()``); only
+    ``skipped`` (the reason) when the model does not prefer the clean answer on average (no gap to restore)."""
+    if not circuits_available():
+        return {}
+    from mamba_interp.circuits import PatchPair, evaluate_circuit, find_circuit
+
+    n = min(settings.circuit_sequences, len(batch))
+    clean, held = batch.select(slice(0, n)), heldout.select(slice(0, min(2 * n, len(heldout))))
+    try:
+        corrupt, held_corrupt = task.corrupt(clean, settings.seed + 1), task.corrupt(held, settings.seed + 2)
+    except (AttributeError, NotImplementedError):
+        return {}
+    pair = PatchPair.build(model, clean, corrupt, batch_size=batch_size)
+    gap = float(pair.clean_values.mean() - pair.corrupt_values.mean())
+    if gap <= 0:
+        return {"skipped": f"no metric gap to restore (clean minus corrupted {gap:.3g})"}
+    circuit = find_circuit(pair, threshold=CIRCUIT_THRESHOLD, max_evals=settings.circuit_max_evals)
+    test = evaluate_circuit(PatchPair.build(model, held, held_corrupt, batch_size=batch_size), circuit,
+                            n_random=settings.circuit_random, null_examples=n, seed=settings.seed)
+    d = test.to_dict()
+    return {"sites": sorted({u.site for u in circuit.units}), "n_sites": len(pair.shapes) * len(pair.classes),
+            "units": len(circuit.units), "channels": int(circuit.size(pair.shapes)),
+            "reached": bool(circuit.info["reached"]), "search_sufficiency": float(circuit.info["sufficiency"]),
+            "sufficiency": d["sufficiency"], "sufficiency_ci": d["sufficiency_ci"],
+            "random_sufficiency_mean": d["random_sufficiency_mean"], "p_value": d["p_value"],
+            "example_sufficiency": test.per_example["sufficiency"].double().numpy(), "circuit": circuit.to_dict()}
 
 
 def site(layer: int, hook: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from mamba_interp import HookedMamba, MambaConfig
 from mamba_interp.pipeline import profiles as P
-from mamba_interp.pipeline.steps.s10_universality import probe_recurrence
+from mamba_interp.pipeline.steps.s10_universality import circuit_recurrence, circuit_site_overlap, probe_recurrence
 from mamba_interp.probing import probe_model
 from mamba_interp.tasks import get_task
 
@@ -76,3 +76,62 @@ def test_probe_settings_are_checked():
             P.ProfileSettings(probe_hooks=bad)
     with pytest.raises(ValueError, match="probe_k"):
         P.ProfileSettings(probe_k=0)
+    with pytest.raises(ValueError, match="circuit_max_evals"):
+        P.ProfileSettings(circuit_max_evals=0)
+
+
+def test_without_the_circuits_module_the_circuit_is_pending(probed, monkeypatch):
+    model, batch, settings, _ = probed
+    monkeypatch.setattr(P, "circuits_available", lambda: False)
+    task = get_task("induction", vocab_size=16, seq_len=16)
+    assert P.circuit_profile(model, task, batch, batch, settings) == {}
+    assert P.pending() == P.PENDING and "circuits" in P.pending()[0]
+    assert P.ModelProfile("m", "primary", "mamba1", 1, 16, 0, [], {}, {}).pending == P.PENDING
+    monkeypatch.setattr(P, "circuits_available", lambda: True)
+    assert P.pending() == ()
+
+
+def test_circuit_site_overlap_against_random_sites():
+    sites = [[0, "y", "final"], [1, "out", "final"], [1, "ssm_state", "source"]]
+    same = circuit_site_overlap({"sites": sites, "n_sites": 60}, {"sites": sites[::-1], "n_sites": 60}, 2000, 0)
+    assert same["observed"] == 1.0 and same["p_value"] < 0.01 and same["null_mean"] < 0.1
+    half = circuit_site_overlap({"sites": sites[:2], "n_sites": 60}, {"sites": sites[1:], "n_sites": 60}, 2000, 0)
+    assert half["observed"] == pytest.approx(1 / 3) and half["candidate_sites"] == 60
+    apart = circuit_site_overlap({"sites": sites[:1], "n_sites": 60}, {"sites": sites[2:], "n_sites": 60}, 2000, 0)
+    assert apart["observed"] == 0.0 and apart["p_value"] > 0.5
+    # the null's mean is the expected Jaccard of random sets of the same sizes: |A||B| / N for single sites
+    assert apart["null_mean"] == pytest.approx(1 / 60, abs=0.01)
+
+
+def test_circuit_recurrence_summarises_each_model():
+    from types import SimpleNamespace
+
+    def prof(name, suff, p, channels):
+        return SimpleNamespace(name=name, circuit={
+            "sites": [[0, "y", "final"]], "units": 1, "channels": channels, "reached": True, "sufficiency": suff,
+            "sufficiency_ci": [suff - 0.05, suff + 0.05], "random_sufficiency_mean": 0.1, "p_value": p})
+
+    out = circuit_recurrence([prof("a", 0.9, 0.001, 4), prof("b", 0.8, 0.002, 8),
+                              SimpleNamespace(name="c", circuit={"skipped": "no gap"})])
+    assert out["n_models"] == 2 and set(out["per_model"]) == {"a", "b"}
+    assert out["sufficiency"]["value"] == pytest.approx(0.85) and out["channels"]["value"] == 6.0
+    assert out["sufficiency"]["ci"][0] < 0.85 < out["sufficiency"]["ci"][1] and out["beats_random"]
+    assert not circuit_recurrence([prof("a", 0.9, 0.001, 4), prof("b", 0.2, 0.4, 4)])["beats_random"]
+    assert circuit_recurrence([prof("a", 0.9, 0.001, 4)]) is None
+
+
+@pytest.mark.slow
+def test_circuit_profile_of_the_default_model():
+    """With the circuits module: the profile's circuit restores >= 90 % of the logit difference on its search
+    batch (``find_circuit``'s contract), its sites are among the candidates, and on held-out sequences it beats
+    random circuits of the same layout."""
+    pytest.importorskip("mamba_interp.circuits")
+    from mamba_interp import zoo
+
+    model, task = zoo.load("induction-mamba1"), zoo.load_task("induction-mamba1")
+    settings = P.ProfileSettings(circuit_sequences=16, circuit_random=10)
+    c = P.circuit_profile(model, task, task.sample(16, 1, split="test"), task.sample(32, 2, split="test"), settings)
+    assert c["reached"] and c["search_sufficiency"] >= P.CIRCUIT_THRESHOLD
+    assert 1 <= len(c["sites"]) <= c["n_sites"] and c["channels"] >= 1
+    assert c["sufficiency"] > c["random_sufficiency_mean"] and c["p_value"] < 0.05
+    assert c["example_sufficiency"].shape == (32,)

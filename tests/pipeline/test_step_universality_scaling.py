@@ -61,7 +61,7 @@ def test_step10_pairs_and_summary(fam_run):
         m["probe_scores"])  # every variable at 2 layers x 3 hooks
     assert {"probe_sites_jaccard", "probe_best_site"} <= set(m["seeds"]["summary"])
     assert set(m["probe_scores"]["token"]) == {"m1task0", "seed7", "d16", "d24"}
-    assert m["pending"] and "cka_across_models.png" in res["artifacts"]
+    assert m["pending"] == list(profiles.pending()) and "cka_across_models.png" in res["artifacts"]
 
 
 def test_step14_table_and_fits(fam_run):

@@ -34,8 +34,10 @@ has no task, or when the transformer was trained on another task.
    lost when that one source → query entry is knocked out, against a random source) — where the Mamba model reads
    the answer back, as the induction heads' attention on p + 1 and their patching do for the transformer.
 
-Not yet here: the Mamba circuit of step 5 side by side with the transformer's (the circuits step is not part of
-this build).
+6. The Mamba circuit of step 5 beside the transformer's heads, when ``mamba_interp.circuits`` is part of the build
+   (``profiles.circuit_profile``: the AtP-grown, patching-pruned circuit and its held-out sufficiency against random
+   circuits of the same layout, as steps 5 and 6 measure it): at which (layer, hook, position class) sites the
+   Mamba model carries what the transformer's heads do. Without the module, ``pending`` says so.
 
 Metrics: ``transformer``, ``cka`` (``matrix``, ``ci``, ``p_value``, ``null_mean``, ``rms_normalised``,
 ``best_match``), ``transformer_heads`` (``{"L.H": {"induction_score", "prev_token_score", "value_trigger_score",
@@ -45,7 +47,9 @@ after each block restored at p + 1 or at the query: where the transformer keeps 
 and length: accuracy with CI, top-source hit with CI, answer share, influence by distance),
 ``card_accuracy_by_seq_len`` (both zoo cards' reference numbers), ``features`` (MPPC both ways with nulls,
 baseline, skyline), ``mamba_lookup`` (per Mamba layer: ``induction_score``, ``peak_offset`` and its share,
-``knockout_drop`` and ``knockout_control_drop`` with CIs; ``best_layer``, ``lookup_layer``). Files: ``cka.json``, ``head_scores.safetensors``, ``influence.safetensors``.
+``knockout_drop`` and ``knockout_control_drop`` with CIs; ``best_layer``, ``lookup_layer``), ``mamba_circuit``
+(sites, size, held-out sufficiency with CI, random-circuit mean and p-value; None without the circuits module),
+``pending``. Files: ``cka.json``, ``head_scores.safetensors``, ``influence.safetensors``.
 """
 
 from __future__ import annotations
@@ -68,8 +72,11 @@ from mamba_interp.pipeline.companions import (
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.profiles import (
     LOOKUP_THRESHOLD,
+    ProfileSettings,
     check_options,
+    circuit_profile,
     lookup_layers,
+    pending,
 )
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 from mamba_interp.stats import estimate
@@ -349,7 +356,8 @@ def _figures(ctx: StepContext, cka: dict, mech: dict, length: dict, names: tuple
 
 
 def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats: dict, opts: Options,
-             card_acc: dict[str, dict], task_len: int, mamba_lookup: dict | None = None) -> str:
+             card_acc: dict[str, dict], task_len: int, mamba_lookup: dict | None = None,
+             mamba_circuit: dict | None = None) -> str:
     m_name, t_name = names
     mat = np.array(cka["matrix"])
     last = mat.shape[0] - 1
@@ -420,6 +428,12 @@ def _reading(names: tuple[str, str], cka: dict, mech: dict, length: dict, feats:
         else:
             parts.append(f"No Mamba layer's hidden attention peaks at p + 1 for >= {LOOKUP_THRESHOLD:.0%} of "
                          f"sequences; in the best, layer {layer}, {measured}.")
+    if mamba_circuit and "sites" in mamba_circuit:
+        c = mamba_circuit
+        parts.append(f"Step 5's Mamba circuit: {', '.join(f'L{a} {h}@{k}' for a, h, k in c['sites'])} "
+                     f"({c['channels']} channels) restores {c['sufficiency']:.2f} [{c['sufficiency_ci'][0]:.2f}, "
+                     f"{c['sufficiency_ci'][1]:.2f}] of the logit difference on held-out sequences (random circuits "
+                     f"of the same layout {c['random_sufficiency_mean']:.2f}, p = {c['p_value']:.3g}).")
     acc = {name: {k: v["accuracy"] for k, v in rows.items()} for name, rows in length.items()}
     longest = f"{max(opts.length_multiples)}x"
     if all(longest in a for a in acc.values()):
@@ -481,6 +495,10 @@ def run(ctx: StepContext) -> StepResult:
         "layers": {str(i): {k: v[k] for k in ("induction_score", "peak_offset", "peak_offset_share", "knockout_drop",
                                               "knockout_control_drop")} for i, v in lookup["layers"].items()},
         "best_layer": lookup["best_layer"], "lookup_layer": lookup["lookup_layer"]}
+    circuit = circuit_profile(ctx.model, task, batch, heldout, ProfileSettings(seed=ctx.seed), ctx.batch_size)
+    mamba_circuit = {k: v for k, v in circuit.items() if k not in ("circuit", "example_sufficiency")} or None
+    if "circuit" in circuit:
+        ctx.save_json("mamba_circuit", circuit["circuit"])
     length, infl = influence_at_lengths({ctx.source.name: ctx.model, comp.name: baseline}, task, opts,
                                         ctx.seed, ctx.batch_size)
     train_x = _flat(XM.residual_streams(ctx.model, heldout.tokens, ctx.batch_size))[-1]
@@ -509,9 +527,9 @@ def run(ctx: StepContext) -> StepResult:
         "length": length,
         "features": feats,
         "mamba_lookup": mamba_lookup,
-        "mamba_circuit": None,
-        "pending": ["the Mamba circuit of step 5 (circuits module not in this build)"],
+        "mamba_circuit": mamba_circuit,
+        "pending": list(pending()),
     }
-    reading = _reading(names, cka, mech, length, feats, opts, card_acc, task.seq_len, mamba_lookup)
+    reading = _reading(names, cka, mech, length, feats, opts, card_acc, task.seq_len, mamba_lookup, mamba_circuit)
     return StepResult(metrics=metrics, reading=reading,
                       data={"transformer": comp, "cka": cka, "mechanism": mech})

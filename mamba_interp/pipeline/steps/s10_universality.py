@@ -26,13 +26,17 @@ pair of seeds (every pair) and each (analysed model, other size) pair:
 One statistic per question and group: the mean over pairs with a t-interval over the pairs (pairs share seeds, so
 the interval is optimistic; each pair's own CI and null are listed), and "recurs" when every pair beats its null.
 
-Not yet here (its module is not part of this build): circuit recurrence (step 5: Jaccard of (layer, hook,
-position class) units against random circuits, ``comparison.jaccard`` / ``random_jaccard_null``) — listed under
-``pending``.
+* Circuits (when ``mamba_interp.circuits`` is part of the build; ``profiles.circuit_profile``: step 5's AtP-grown,
+  patching-pruned circuit, tested on held-out sequences as step 6 does): Jaccard of the two circuits' (layer, hook,
+  position class) sites against random circuits of the same numbers of sites drawn from the candidate sites
+  (``comparison.random_jaccard_null``; the circuits module's channel-level ``random_circuits`` keep each unit's site,
+  so they cannot be a null for which sites recur), and each model's held-out sufficiency against its random
+  circuits of the same layout. Without the module this is listed under ``pending``.
 
 Metrics: ``models`` (each profile's summary), ``seeds`` / ``sizes`` (``pairs``: per pair ``cka`` by stream,
-``mppc``, ``mmcs``, ``probe_sites``, ``probe_supports``, ``probe_best_site``; ``summary``: per question value,
-t-interval, ``recurs``, and ``lookup``), ``behaviour`` (accuracy at each length per model), ``probe_scores``
+``mppc``, ``mmcs``, ``probe_sites``, ``probe_supports``, ``probe_best_site``, ``circuit_sites``; ``summary``: per
+question value, t-interval, ``recurs``, ``lookup`` and ``circuit``), ``behaviour`` (accuracy at each length per
+model), ``probe_scores``
 (per variable, each model's best probe score), ``pending``.
 """
 
@@ -50,12 +54,13 @@ from mamba_interp.pipeline.companions import no_companions_reason, resolve_compa
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.profiles import (
     LOOKUP_THRESHOLD,
-    PENDING,
     PROBE_HOOKS,
+    PROFILE_POSITIVE,
     ModelProfile,
     ProfileSettings,
     check_options,
     family_profiles,
+    pending,
     site,
 )
 from mamba_interp.pipeline.registry import StepSkipped, register_step
@@ -74,6 +79,9 @@ class Options:
     probe_hooks: tuple[str, ...] = PROBE_HOOKS
     probe_k: int = 8
     probe_tokens: int = 1000
+    circuit_sequences: int = 32
+    circuit_max_evals: int = 60
+    circuit_random: int = 20
     bootstrap: int = 200
     """Sequence-bootstrap resamples per CKA."""
     rotations: int = 20
@@ -85,9 +93,7 @@ class Options:
     """Random sets per Jaccard null (probe sites and supports)."""
 
     def __post_init__(self) -> None:
-        check_options(self, ("sequences", "long_sequences", "sae_expansion", "sae_k", "sae_steps",
-                             "influence_sequences", "probe_k", "probe_tokens", "bootstrap", "rotations",
-                             "null_samples"))
+        check_options(self, (*PROFILE_POSITIVE, "bootstrap", "rotations", "null_samples"))
         if not 0 < self.probe_threshold <= 1:
             raise ValueError(f"probe_threshold={self.probe_threshold} must be in (0, 1]")
 
@@ -148,7 +154,36 @@ def pair_similarity(a: ModelProfile, b: ModelProfile, groups: np.ndarray, opts: 
         out["mmcs"] = C.null_test(C.mmcs(da, db, rotation=rot), null, "random rotation").to_dict()
     if a.probes and b.probes:
         out.update(probe_recurrence(a.probes, b.probes, opts.probe_threshold, opts.null_samples, seed))
+    if "sites" in a.circuit and "sites" in b.circuit:
+        out["circuit_sites"] = circuit_site_overlap(a.circuit, b.circuit, opts.null_samples, seed)
     return out
+
+
+def circuit_site_overlap(ca: dict[str, Any], cb: dict[str, Any], n_null: int = 1000, seed: int = 0
+                         ) -> dict[str, Any]:
+    """Jaccard of two circuits' (layer, hook, position class) sites (``profiles.circuit_profile``) against random
+    site sets of the same sizes from the candidate sites (``comparison.random_jaccard_null``)."""
+    sa, sb = ({tuple(x) for x in c["sites"]} for c in (ca, cb))
+    universe = max(ca["n_sites"], cb["n_sites"], len(sa | sb))
+    out = C.null_test(C.jaccard(sa, sb), C.random_jaccard_null(len(sa), len(sb), universe, n_null, seed),
+                      "random sites").to_dict()
+    return {**out, "sites_a": sorted(sa), "sites_b": sorted(sb), "candidate_sites": universe}
+
+
+def circuit_recurrence(models: list[ModelProfile]) -> dict[str, Any] | None:
+    """Each model's circuit (size, held-out sufficiency with its CI against random circuits of the same layout);
+    the mean sufficiency and size with t-intervals over the models, and whether every circuit beats its null."""
+    with_circuit = [m for m in models if "sites" in m.circuit]
+    if len(with_circuit) < 2:
+        return None
+    per = {m.name: {k: m.circuit[k] for k in ("sites", "units", "channels", "reached", "sufficiency",
+                                             "sufficiency_ci", "random_sufficiency_mean", "p_value")}
+           for m in with_circuit}
+    suff = [v["sufficiency"] for v in per.values()]
+    size = [float(v["channels"]) for v in per.values()]
+    return {"per_model": per, "sufficiency": {"value": float(np.mean(suff)), "ci": t_interval(suff)},
+            "channels": {"value": float(np.mean(size)), "ci": t_interval(size)},
+            "beats_random": bool(all(v["p_value"] < 0.05 for v in per.values())), "n_models": len(with_circuit)}
 
 
 def probe_recurrence(pa: dict[str, Any], pb: dict[str, Any], threshold: float, n_null: int = 1000, seed: int = 0
@@ -213,11 +248,12 @@ def _summary(pairs: dict[str, dict], last_stream: str) -> dict[str, Any]:
         "features_mmcs": null_test_q("mmcs"),
         "probe_sites_jaccard": null_test_q("probe_sites"),
         "probe_supports_jaccard": null_test_q("probe_supports"),
+        "circuit_sites_jaccard": null_test_q("circuit_sites"),
     }
     out: dict[str, Any] = {}
     for q, (value, beats, null) in questions.items():
-        if q.startswith("probe") and not any(q[:-len("_jaccard")] in p for p in pairs.values()):
-            continue  # no probes (e.g. no task variable)
+        if q.endswith("_jaccard") and not any(q[:-len("_jaccard")] in p for p in pairs.values()):
+            continue  # no probes (e.g. no task variable) or no circuits
         vals = [value(p) for p in pairs.values()]
         nulls = [v for v in (null(p) for p in pairs.values()) if v is not None]
         out[q] = {"value": float(np.nanmean(vals)), "ci": t_interval(vals), "n_pairs": len(vals),
@@ -319,6 +355,19 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
                 parts[-1] += (f"; the best site agrees for {b['value']:.0%} [{b['ci'][0]:.0%}, {b['ci'][1]:.0%}] of "
                               "the variables")
             parts[-1] += "."
+        if "circuit_sites_jaccard" in s:
+            parts.append("Circuits (step 5's, per model): Jaccard of their (layer, hook, position class) sites "
+                         f"{_fmt(s['circuit_sites_jaccard'], 'random sites')}.")
+        cr = s.get("circuit")
+        if cr:
+            each = "; ".join(f"{n}: {', '.join(f'L{a} {h}@{c}' for a, h, c in v['sites'])} ({v['channels']} "
+                             f"channels), held-out sufficiency {v['sufficiency']:.2f} [{v['sufficiency_ci'][0]:.2f}, "
+                             f"{v['sufficiency_ci'][1]:.2f}] vs random {v['random_sufficiency_mean']:.2f}"
+                             for n, v in cr["per_model"].items())
+            ms = cr["sufficiency"]
+            parts.append(f"{each}; mean sufficiency {ms['value']:.2f} [{ms['ci'][0]:.2f}, {ms['ci'][1]:.2f}]"
+                         + (", every circuit beats its random circuits (p < 0.05)." if cr["beats_random"] else
+                            ", not every circuit beats its random circuits."))
         lk = s.get("lookup")
         if lk:
             def where(v: dict) -> str:
@@ -336,8 +385,8 @@ def _reading(results: dict[str, dict], profiles: list[ModelProfile]) -> str:
         parts.append("Best k-sparse probe score per variable (" + ", ".join(p.name for p in profiles) + "): "
                      + "; ".join(f"{v} " + "/".join(f"{x:.2f}" if x is not None else "–" for x in row.values())
                                  for v, row in scores.items()) + ".")
-    parts.append("Intervals are t-intervals over pairs, which share models (optimistic). Not measured yet: "
-                 + "; ".join(PENDING) + ".")
+    parts.append("Intervals are t-intervals over pairs, which share models (optimistic)."
+                 + (" Not measured in this build: " + "; ".join(pending()) + "." if pending() else ""))
     return " ".join(parts)
 
 
@@ -365,6 +414,9 @@ def run(ctx: StepContext) -> StepResult:
         lookup = lookup_recurrence(members)
         if lookup is not None:
             results[label]["summary"]["lookup"] = lookup
+        circuits = circuit_recurrence(members)
+        if circuits is not None:
+            results[label]["summary"]["circuit"] = circuits
     if ctx.config.figures:
         _figure(ctx, results)
     metrics = {
@@ -372,6 +424,6 @@ def run(ctx: StepContext) -> StepResult:
         **results,
         "behaviour": {p.name: {k: v["accuracy"] for k, v in p.length.items()} for p in profiles},
         "probe_scores": probe_scores(profiles),
-        "pending": list(PENDING),
+        "pending": list(pending()),
     }
     return StepResult(metrics=metrics, reading=_reading(results, profiles), data={"profiles": profiles})

@@ -16,8 +16,9 @@ What three sizes can support: the sign of a trend and a rough slope over the ~16
 covers the measurement noise of the per-size values only. Where the largest size has several seeds, the spread
 between them is set beside the change across sizes: a trend smaller than the seed spread is not a size effect.
 
-Not yet here (its module is not part of this build): circuit size and sufficiency (steps 5, 6) — listed under
-``pending``.
+With ``mamba_interp.circuits`` in the build (``profiles.circuit_profile``), step 5's circuit size (channels;
+a count without a sampling distribution, so its exponent CI is degenerate) and step 6's held-out sufficiency (per
+example) are fitted too; without it they are listed under ``pending``.
 
 Metrics: ``table`` (one row per model: n_params, d_model, seed, per length accuracy and loss, SAE FVU / L0, the
 best probe per variable),
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from mamba_interp.pipeline.context import StepContext, StepResult
-from mamba_interp.pipeline.profiles import PENDING, ModelProfile, probe_error
+from mamba_interp.pipeline.profiles import ModelProfile, pending, probe_error
 from mamba_interp.pipeline.registry import StepSkipped, register_step
 from mamba_interp.pipeline.steps.s10_universality import Options, same_family
 from mamba_interp.scaling import MIN_SIZES, power_law_fit
@@ -58,6 +59,9 @@ def quantities(p: ModelProfile) -> dict[str, tuple[np.ndarray, Any]]:
         out[f"top_source_hit_{long['multiple']}x"] = (long["top_source_hit"], np.mean)
     for var, (task, sums) in p.probes.get("heldout", {}).items():  # rows: the best probe's held-out sequences
         out[f"probe_error_{var}"] = (sums, partial(probe_error, task))
+    if "sites" in p.circuit:  # step 5's circuit size and step 6's held-out sufficiency
+        out["circuit_channels"] = (np.array([float(p.circuit["channels"])]), np.mean)
+        out["circuit_sufficiency"] = (p.circuit["example_sufficiency"], np.mean)
     return out
 
 
@@ -142,7 +146,8 @@ def _reading(profiles: list[ModelProfile], fits: dict[str, Any], spread: dict[st
                      "half the range across sizes, so those trends are not separable from seed variation.")
     parts.append(f"With {len(sizes)} sizes these fits give the sign and a rough slope of each trend, not a law: no "
                  "offset term is identifiable, nothing is extrapolated, and the CIs cover the measurement noise of the "
-                 "per-size values only. Not measured yet: " + "; ".join(PENDING) + ".")
+                 "per-size values only." + (" Not measured in this build: " + "; ".join(pending()) + "."
+                                            if pending() else ""))
     return " ".join(parts)
 
 
@@ -160,5 +165,5 @@ def run(ctx: StepContext) -> StepResult:
     if ctx.config.figures:
         _figure(ctx, profiles, fits)
     table = [{**p.summary(), "sae_fvu": p.sae["fvu"], "sae_l0": p.sae["l0"]} for p in profiles]
-    metrics = {"table": table, "fits": fits, "seed_spread": spread, "pending": list(PENDING)}
+    metrics = {"table": table, "fits": fits, "seed_spread": spread, "pending": list(pending())}
     return StepResult(metrics=metrics, reading=_reading(profiles, fits, spread))
