@@ -495,7 +495,9 @@ def run(ctx: StepContext) -> StepResult:
         "layers": {str(i): {k: v[k] for k in ("induction_score", "peak_offset", "peak_offset_share", "knockout_drop",
                                               "knockout_control_drop")} for i, v in lookup["layers"].items()},
         "best_layer": lookup["best_layer"], "lookup_layer": lookup["lookup_layer"]}
-    circuit = circuit_profile(ctx.model, task, batch, heldout, ProfileSettings(seed=ctx.seed), ctx.batch_size)
+    # the run's seed and the default shared settings, as step 10's profile uses: the same circuit in both steps
+    circuit = circuit_profile(ctx.model, task, batch, heldout, ProfileSettings(seed=ctx.config.seed),
+                              ctx.batch_size)
     mamba_circuit = {k: v for k, v in circuit.items() if k not in ("circuit", "example_sufficiency")} or None
     if "circuit" in circuit:
         ctx.save_json("mamba_circuit", circuit["circuit"])
