@@ -120,10 +120,18 @@ def test_steps_10_14_on_the_default_family(tmp_path):
               "probe_supports_jaccard"):
         assert summary[q]["n_pairs"] == 3 and summary[q]["null_mean"] is not None and len(summary[q]["ci"]) == 2
     assert summary["lookup"]["n_models"] == 3
+    if profiles.circuits_available():  # step 5's circuits: site recurrence against random sites, sufficiency
+        q = summary["circuit_sites_jaccard"]
+        assert q["n_pairs"] == 3 and q["null_mean"] is not None and len(q["ci"]) == 2
+        assert summary["circuit"]["n_models"] == 3 and len(summary["circuit"]["sufficiency"]["ci"]) == 2
+    else:
+        assert m10["pending"] == list(profiles.PENDING)
     m14 = read_result(tmp_path / "run", "step_14_scaling")["metrics"]
     assert len({row["n_params"] for row in m14["table"]}) == 3
     assert "exponent" in m14["fits"]["sae_fvu"] and "exponent" in m14["fits"]["loss_16x"]
     assert any(k.startswith("probe_error_") for k in m14["fits"])
+    if profiles.circuits_available():
+        assert "exponent" in m14["fits"]["circuit_sufficiency"]
 
 
 def test_options_validation():
