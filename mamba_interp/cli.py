@@ -59,6 +59,8 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
                    help="skip steps whose result.json in --output was computed for what this run gives them")
     p.add_argument("--task", help="task generator for a model without a card (e.g. induction)")
     p.add_argument("--hooks", help=f"hooks step 2 collects, comma-separated, from: {', '.join(HOOK_CHOICES)}")
+    p.add_argument("--compare", help="companion models for steps 9, 10, 14, comma-separated: zoo names, folders "
+                   "or hub ids (default: a zoo model's family and its task's transformer baseline)")
     p.add_argument("--option", action="append", metavar="STEP.KEY=VALUE", default=None,
                    help="a step option, e.g. sae.expansion=8 (repeatable; list-steps shows each step's options)")
     p.add_argument("--no-figures", dest="figures", action="store_false", default=None,
@@ -151,7 +153,7 @@ def cmd_run(argv: list[str], prog: str = f"{PROG} run") -> int:
     base_options = read_config_file(args.config).get("step_options", {}) if args.config else {}
     fields = ("model", "layers", "samples", "seq_len", "batch_size", "steps", "output", "device", "dtype",
               "scan_impl", "seed", "threads", "resume", "task", "hooks", "figures", "save_activations", "quiet",
-              "activation_store", "executor", "ray_address", "corpus", "tokens")
+              "activation_store", "executor", "ray_address", "corpus", "tokens", "compare")
     overrides = {k: getattr(args, k) for k in fields}
     overrides["step_options"] = _step_options(args.option, base_options if isinstance(base_options, dict) else {})
     cfg = build_config(args.config, **overrides)

@@ -117,6 +117,16 @@ def parse_steps(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(out))
 
 
+def parse_compare(value: Any) -> tuple[str, ...]:
+    """``None``/``""`` -> (); ``"a,b"`` or ``["a", "b"]`` -> ("a", "b") (order kept, duplicates dropped)."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(i, str) for i in items):
+        _fail(f"compare={value!r} must be model names separated by commas, e.g. induction-transformer")
+    return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+
+
 def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         _fail(f"{name}={value!r} must be an integer; {fix}")
@@ -184,6 +194,9 @@ class RunConfig:
     step_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-step options by step name, e.g. ``{"sae": {"expansion": 8}}``; each step validates its own (every
     registered step's, whether or not it runs)."""
+    compare: tuple[str, ...] = ()
+    """Companion models for the cross-model steps (9, 10, 14): zoo names, checkpoint folders or hub ids. Empty:
+    a zoo model's family (other sizes and seeds) and its task's transformer baseline. Accepts ``"a,b"``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -251,6 +264,7 @@ class RunConfig:
         ):
             _fail("step_options must map step names to option mappings, e.g. {sae: {expansion: 8}}")
         object.__setattr__(self, "step_options", {k: dict(v) for k, v in self.step_options.items()})
+        object.__setattr__(self, "compare", parse_compare(self.compare))
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -258,6 +272,7 @@ class RunConfig:
         out["layers"] = "all" if self.layers is None else list(self.layers)
         out["steps"] = "all" if self.steps is None else list(self.steps)
         out["hooks"] = list(self.hooks)
+        out["compare"] = list(self.compare)
         return out
 
     @classmethod

@@ -164,6 +164,10 @@ class Runner:
             raise UsageError(
                 f"hook {bad_hooks[0]!r} does not exist in {model.cfg.arch}; choose from {', '.join(allowed)}"
             )
+        if cfg.compare:  # named companions must exist before anything is written
+            from mamba_interp.pipeline.companions import resolve_companions
+
+            resolve_companions(self.source, cfg.compare)
         if cfg.corpus is not None and (self.source.task is not None or self.source.tokenizer() is None):
             why = (f"model {self.source.name!r} is a {self.source.task} task model" if self.source.task is not None
                    else f"model {self.source.name!r} has no tokenizer ({self.source.tokenizer_error})")

@@ -10,12 +10,13 @@ Each entry is a folder ``zoo_data/<name>/`` with ``config.json`` + ``model.safet
     >>> task = zoo.load_task(zoo.DEFAULT)        # the task the model was trained on, same parameters
 
 Card keys: ``name``, ``description``, ``task``, ``task_params`` (incl. ``vocab_size``, ``seq_len``), ``arch``,
-``family`` (models of one family differ only in size, for the scaling step), ``model_config``, ``n_params``,
-``seed``, ``train_config``, ``command`` (regenerates the checkpoint), ``build_command`` (retrains and re-cards
-the entry), ``accuracy`` (fresh held-out data at the training length, or the test split),
-``accuracy_by_seq_len``, ``eval`` (how accuracy was measured), ``train_time_s`` (measured wall time of
-``command``), ``steps_run``, ``snapshots``, ``fingerprint``, ``versions``. Cards are written by
-``python -m mamba_interp.tasks build-zoo``; no number in them is edited by hand.
+``family`` (models of one family differ only in size or seed, for the universality and scaling steps),
+``model_config``, ``n_params``, ``seed``, ``train_config``, ``command`` (regenerates the checkpoint),
+``build_command`` (retrains and re-cards the entry), ``accuracy`` (fresh held-out data at the training length, or
+the test split), ``accuracy_by_seq_len``, ``eval`` (how accuracy was measured), ``train_time_s`` (measured wall
+time of ``command``), ``train_cpu_s`` (its CPU time; newer cards), ``steps_run``, ``snapshots``, ``fingerprint``,
+``versions``. Cards are written by ``python -m mamba_interp.tasks build-zoo``; no number in them is edited by
+hand.
 """
 
 from __future__ import annotations
