@@ -7,7 +7,15 @@ With no options it runs every implemented step on the embedded default zoo model
 
 import sys
 
-from mamba_interp.cli import run_main
-
 if __name__ == "__main__":
+    # light imports only: torch is imported inside run_main, after the signal handlers are installed
+    interrupts = None
+    try:
+        from mamba_interp.pipeline import interrupts
+
+        interrupts.install_handlers()
+        from mamba_interp.cli import run_main
+    except KeyboardInterrupt as exc:
+        print(f"mamba-interp: {interrupts.describe(exc) if interrupts else 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        sys.exit(interrupts.exit_code(exc) if interrupts else 130)
     sys.exit(run_main())

@@ -2,15 +2,19 @@
 
 ``python mamba_mechanistic_analysis.py [options]`` is ``mamba-interp run [options]``. Bad input prints one line
 ``mamba-interp: error: <problem>; <fix>`` on stderr and exits with code 2 before anything is written.
-Exit codes: 0 success, 1 a step failed (the others still ran; see the report), 2 bad input, 130 interrupted.
+Exit codes: 0 success, 1 a step failed (the others still ran; see the report), 2 bad input, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). The signal handlers are installed before torch is imported (this module and
+the packages above it import nothing heavy), so an interruption at any moment prints one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from mamba_interp.pipeline import interrupts
 from mamba_interp.pipeline.config import DTYPES, HOOK_CHOICES, SCAN_IMPLS, UsageError
 
 PROG = "mamba-interp"
@@ -52,11 +56,11 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
                    "busy machine)")
     p.add_argument("--config", "-c", help="YAML file with any of these options (keys as in RunConfig)")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="skip steps whose result.json in --output matches this configuration")
+                   help="skip steps whose result.json in --output was computed for what this run gives them")
     p.add_argument("--task", help="task generator for a model without a card (e.g. induction)")
     p.add_argument("--hooks", help=f"hooks step 2 collects, comma-separated, from: {', '.join(HOOK_CHOICES)}")
     p.add_argument("--option", action="append", metavar="STEP.KEY=VALUE", default=None,
-                   help="a step option, e.g. sae.d_sae=512 (repeatable)")
+                   help="a step option, e.g. sae.expansion=8 (repeatable; list-steps shows each step's options)")
     p.add_argument("--no-figures", dest="figures", action="store_false", default=None,
                    help="skip the figures (metrics and files only; faster)")
     p.add_argument("--no-save-activations", dest="save_activations", action="store_false", default=None,
@@ -76,7 +80,7 @@ def _step_options(items: list[str] | None, base: dict[str, Any]) -> dict[str, di
         key, sep, raw = item.partition("=")
         step, dot, name = key.partition(".")
         if not sep or not dot or not step or not name:
-            raise UsageError(f"--option {item!r} is malformed; write STEP.KEY=VALUE, e.g. sae.d_sae=512")
+            raise UsageError(f"--option {item!r} is malformed; write STEP.KEY=VALUE, e.g. sae.expansion=8")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -86,6 +90,8 @@ def _step_options(items: list[str] | None, base: dict[str, Any]) -> dict[str, di
 
 
 def list_steps() -> str:
+    import dataclasses
+
     from mamba_interp.pipeline.registry import all_steps
 
     lines = [f"{'#':>3}  {'name':<14} {'requires':<10} title"]
@@ -93,6 +99,10 @@ def list_steps() -> str:
         req = ",".join(map(str, s.requires)) or "-"
         note = "" if s.default else "  (not in the default run: name it with --steps)"
         lines.append(f"{s.number:>3}  {s.name:<14} {req:<10} {s.title}{note}")
+        if s.options is not None:
+            opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(s.options)
+                             if f.default is not dataclasses.MISSING)
+            lines.append(f"{'':>5}options (--option {s.name}.KEY=VALUE): {opts}")
     return "\n".join(lines)
 
 
@@ -142,16 +152,20 @@ def cmd_run(argv: list[str], prog: str = f"{PROG} run") -> int:
                    f"{','.join(map(str, runner.planned))}; output {runner.out_dir}")
     try:
         summary = runner.run()
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; partial results are in {runner.out_dir}; rerun with --resume --output "
-              f"{runner.out_dir} to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: {interrupts.describe(exc)}; partial results are in {runner.out_dir}; rerun with --resume "
+              f"--output {runner.out_dir} to continue", file=sys.stderr)
+        return interrupts.exit_code(exc)
     finally:
         runner.close()
     if summary.failed:
         names = ", ".join(f"{n} ({summary.records[n].step.name})" for n in summary.failed)
         print(f"{PROG}: step(s) {names} failed; details in {summary.out_dir / 'run.log'}", file=sys.stderr)
-    print(f"Report: {summary.report if summary.report else summary.out_dir}")
+    if summary.report is None:
+        print(f"{PROG}: report.html could not be written (see {summary.out_dir / 'run.log'}); the results are in "
+              f"{summary.out_dir}", file=sys.stderr)
+        return max(summary.exit_code, 1)
+    print(f"Report: {summary.report}")
     return summary.exit_code
 
 
@@ -166,7 +180,12 @@ def cmd_report(argv: list[str]) -> int:
     out = Path(args.output)
     if not (out / "manifest.json").is_file():
         raise UsageError(f"{args.output!r} holds no manifest.json; pass a pipeline output folder")
-    print(f"Report: {write_report(out)}")
+    try:
+        path = write_report(out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(out / 'report.html')!r} ({exc.strerror or type(exc).__name__}); "
+                         "check the folder's permissions and free space") from None
+    print(f"Report: {path}")
     return 0
 
 
@@ -186,43 +205,55 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mamba-interp`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] in ("-h", "--help"):
-            _top_parser().print_help()
-            return 0
-        if not argv or argv[0].startswith("-"):
-            return cmd_run(argv)
-        command, rest = argv[0], argv[1:]
-        if command == "run":
-            return cmd_run(rest)
-        if command == "train":
-            from mamba_interp.tasks.training import main as train_main
+    return _guarded(lambda: _dispatch(argv))
 
-            return int(train_main(rest) or 0)
-        if command == "list-steps":
-            _Parser(prog=f"{PROG} list-steps").parse_args(rest)
-            print(list_steps())
-            return 0
-        if command == "list-models":
-            _Parser(prog=f"{PROG} list-models").parse_args(rest)
-            print(list_models())
-            return 0
-        if command == "report":
-            return cmd_report(rest)
-        raise UsageError(f"unknown command {command!r}; use one of {', '.join(SUBCOMMANDS)} (see {PROG} --help)")
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0
+    if not argv or argv[0].startswith("-"):
+        return cmd_run(argv)
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return cmd_run(rest)
+    if command == "train":
+        from mamba_interp.tasks.training import main as train_main
+
+        return int(train_main(rest) or 0)
+    if command == "list-steps":
+        _Parser(prog=f"{PROG} list-steps").parse_args(rest)
+        print(list_steps())
+        return 0
+    if command == "list-models":
+        _Parser(prog=f"{PROG} list-models").parse_args(rest)
+        print(list_models())
+        return 0
+    if command == "report":
+        return cmd_report(rest)
+    raise UsageError(f"unknown command {command!r}; use one of {', '.join(SUBCOMMANDS)} (see {PROG} --help)")
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Run a command with the signal handlers installed: bad input and interruptions (also during the imports of
+    torch and the model loading that commands do lazily) end in one line on stderr."""
+    previous = interrupts.install_handlers()
+    try:
+        return command()
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # before a run started writing (cmd_run handles it once it has)
+        print(f"{PROG}: {interrupts.describe(exc)}", file=sys.stderr)
+        return interrupts.exit_code(exc)
+    finally:  # callers in the same process (tests, notebooks) get their handlers back
+        interrupts.restore_handlers(previous)
 
 
 def run_main(argv: list[str] | None = None) -> int:
     """``python mamba_mechanistic_analysis.py``: the ``run`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return cmd_run(argv, prog="mamba_mechanistic_analysis.py")
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    return _guarded(lambda: cmd_run(argv, prog="mamba_mechanistic_analysis.py"))
 
 
 if __name__ == "__main__":

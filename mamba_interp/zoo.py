@@ -11,6 +11,7 @@ from mamba_interp.tasks.zoo import (
     measure_accuracy,
     names,
     path,
+    snapshot_files,
     snapshot_steps,
     training_log,
     zoo_dir,
@@ -18,5 +19,5 @@ from mamba_interp.tasks.zoo import (
 
 __all__ = [
     "DEFAULT", "family", "info", "load", "load_checkpoint", "load_snapshot", "load_task", "measure_accuracy",
-    "names", "path", "snapshot_steps", "training_log", "zoo_dir",
+    "names", "path", "snapshot_files", "snapshot_steps", "training_log", "zoo_dir",
 ]

@@ -68,6 +68,11 @@ def _bad_cases(model_dir: Path, tmp: Path) -> list[tuple[str, list[str], str, Pa
         ("unknown hook", [*m, "--hooks", "x,nope", "-o", str(out)], "hook 'nope' is unknown", out),
         ("bad option", [*m, "--option", "sae", "-o", str(out)], "--option 'sae' is malformed", out),
         ("option for an unknown step", [*m, "--option", "nostep.k=1", "-o", str(out)], "unknown step 'nostep'", out),
+        ("unknown option of a step that does not run", [*m, "--steps", "0-2", "--option", "sae.no_such_key=3", "-o",
+                                                        str(out)], "unknown option 'no_such_key' for step 3 (sae)", out),
+        ("invalid option of a step that does not run", [*m, "--steps", "0", "--option", "sae.expansion=0", "-o",
+                                                        str(out)], "invalid option for step 3 (sae)", out),
+        ("text task without a tokenizer", [*m, "--task", "ioi", "-o", str(out)], "needs the model's tokenizer", out),
         ("unknown device", [*m, "--device", "tpu", "-o", str(out)], "device='tpu' is unknown", out),
         ("unknown flag", [*m, "--frobnicate", "-o", str(out)], "unrecognized arguments: --frobnicate", out),
         ("resume without output", [*m, "--resume"], "--resume needs --output", tmp / "results"),
@@ -195,6 +200,101 @@ def test_resume_after_the_process_is_killed_mid_step(model_dir, tmp_path):
     res = json.loads((out / "step_99_sleepy" / "result.json").read_text())
     assert res["status"] == "completed" and res["metrics"] == {"ok": 1}
     assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_documented_option_examples_exist():
+    """The README's and the CLI's own examples of step options name real options."""
+    import re
+
+    from mamba_interp.pipeline.registry import get_step
+
+    texts = (ROOT / "README.md").read_text() + (ROOT / "mamba_interp" / "cli.py").read_text()
+    examples = re.findall(r"\b(\w+)\.(\w+)=(\w+)", texts) + [
+        (step, key, value) for step, key, value in re.findall(r"^\s+(\w+): \{(\w+): (\w+)\}", texts, re.M)]
+    examples = [e for e in examples if e[0] in ("sae", "superposition", "dictionary")]
+    assert examples
+    for step, key, value in examples:
+        get_step(step).make_options({key: int(value) if value.isdigit() else value})
+
+
+def _wait_for_torch(proc: subprocess.Popen, timeout: float = 60) -> bool:
+    """True once the process has loaded torch's library (it is then importing torch, or just past it)."""
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in maps.read_text():
+                return True
+        except OSError:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see when torch is being imported")
+def test_an_interruption_while_torch_is_imported_prints_one_line(model_dir, tmp_path):
+    entries = {"script": [sys.executable, str(SCRIPT)], "module": [sys.executable, "-m", "mamba_interp.cli", "run"]}
+    for (name, cmd), (sig, code, word) in zip(
+            entries.items(), ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"))):
+        out = tmp_path / name
+        proc = subprocess.Popen([*cmd, "--model", str(model_dir), "--steps", "0-2", "-o", str(out)], env=ENV,
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert _wait_for_torch(proc), proc.communicate()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == code, (name, proc.returncode, stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"mamba-interp: {word}"), (name, stderr)
+        assert "Traceback" not in stderr + stdout, name
+
+
+def test_sigterm_mid_step_records_interrupted_and_resume_finishes(model_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-c", SLEEPY, "run", "--model", str(model_dir), "--steps", "0,99", "-o", str(out),
+            "--samples", "4"]
+    proc = subprocess.Popen(argv, env={**ENV, "SLEEPY": "1"}, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    marker = out / "step_99_sleepy" / "started"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mamba-interp: terminated (SIGTERM); partial results are in")
+    assert "--resume" in lines[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    sleepy = {s["name"]: s for s in manifest["steps"]}["sleepy"]
+    assert sleepy["status"] == "interrupted" and sleepy["reason"] == "terminated (SIGTERM)"
+    assert not (out / "step_99_sleepy" / "result.json").exists() and not (out / "run.lock").exists()
+    assert (out / "report.html").is_file()
+    done = subprocess.run([*argv, "--resume"], env={**ENV, "SLEEPY": "0"}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "setup          resumed" in done.stdout and "sleepy         completed" in done.stdout
+
+
+def test_report_of_a_folder_with_a_broken_result_is_written(model_dir, tmp_path, capsys, monkeypatch):
+    import mamba_interp.pipeline.report as report
+
+    out = tmp_path / "quick"
+    with monkeypatch.context() as m:  # a report that cannot be written is said so, not "Report: OUT"
+        m.setattr(report, "write_report", lambda folder: 1 / 0)
+        assert cli.main(["run", "--model", str(model_dir), "--steps", "0", "-o", str(out), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "Report:" not in captured.out and "report.html could not be written" in captured.err
+    assert cli.main(["run", "--model", str(model_dir), "--steps", "0", "-o", str(out), "--quiet"]) == 0
+    (out / "step_00_setup" / "result.json").write_text("{broken")
+    (out / "step_05_other").mkdir()
+    (out / "step_05_other" / "result.json").write_text("[]")
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Report: ") and "Traceback" not in captured.err
+    assert 'class="status unreadable"' in (out / "report.html").read_text()
 
 
 def test_subcommands(model_dir, tmp_path, capsys, monkeypatch):

@@ -11,7 +11,9 @@ Running
 or through ``mamba_interp.experimental_framework.MambaMechanisticAnalyzer`` (the same runner).
 
 Outputs (DESIGN.md §4): ``OUT/manifest.json``, ``OUT/run.log``, ``OUT/step_NN_<name>/result.json`` (+ figures and
-files), ``OUT/report.html``. See ``runner.py`` for the guarantees (atomic results, resume, failures, OOM).
+files), ``OUT/report.html``; ``OUT/run.lock`` while a run holds the folder, ``OUT/stale/<timestamp>/`` for an
+earlier configuration's results. See ``runner.py`` for the guarantees (atomic results, resume, one run per
+folder, failures, interruption, OOM).
 
 Writing a step
 --------------
@@ -56,15 +58,17 @@ That is all: ``mamba-interp run --steps 7`` now runs steps 0, 1, 2 (or reuses th
 
 The contract, in detail:
 
-* ``register_step(number, name, requires=(...), title=..., load=None, options=None, version=1)``.
+* ``register_step(number, name, requires=(...), title=..., load=None, options=None, version=1, default=True,
+  reads=None)``.
   ``number`` keeps the methodology's numbering (DESIGN.md §5); ``name`` is lower_snake_case and names the folder
   ``step_NN_<name>``. ``requires`` lists the steps whose in-memory data the step reads; they run first (or are
   reused from disk when not selected / on ``--resume``). Requirements are transitive; 1 requires 0.
 * ``ctx`` (:class:`StepContext`): ``model`` (a ``HookedMamba`` on ``ctx.device``, eval mode), ``config``
-  (:class:`RunConfig`), ``options`` (your options dataclass or None), ``device``, ``dtype``, ``seed`` (this step's
-  seed; torch/numpy/random are already seeded with it), ``batch_size`` (use it for forward passes: the
-  out-of-memory fallback lowers it), ``layers`` (resolved layer indices), ``out_dir`` (the step's empty folder),
-  ``source`` (the model's origin: ``source.task``, ``source.task_params``, ``source.card``, ``source.tokenizer()``),
+  (:class:`RunConfig`: the fields of ``reads``), ``options`` (your options dataclass or None), ``device``,
+  ``dtype``, ``seed`` (this step's seed; torch/numpy/random are already seeded with it), ``batch_size`` (use it
+  for forward passes: the out-of-memory fallback lowers it), ``layers`` (resolved layer indices), ``out_dir``
+  (the step's empty folder), ``source`` (the model's origin: ``source.task``, ``source.task_params``,
+  ``source.card``, ``source.tokenizer()``),
   ``results[n]`` (earlier :class:`StepResult`), ``data(n)`` (earlier steps' in-memory data), ``metrics(n)``,
   ``progress(iterable, total=, desc=)``, ``log`` (to ``OUT/run.log``), ``save_figure(fig, name)``,
   ``save_tensors(name, dict)``, ``save_json(name, obj)``, ``path(name)``.
@@ -81,16 +85,47 @@ The contract, in detail:
 * Keep it deterministic (use ``ctx.seed``); two runs with the same seed must give identical ``metrics``.
   Keep timings out of ``metrics`` (the runner records ``duration_s``).
 * ``version``: bump it when the step's outputs change so ``--resume`` recomputes old results.
+* The resume key (``resume_key.py``): ``--resume`` reuses a step's ``result.json`` only when it was computed for
+  the same key, a hash of the config fields the step reads, its ``version`` and options, the model (weights
+  fingerprint; task, task parameters, card and tokenizer files of its source), and the keys of the steps it
+  ``requires`` (so their options and fields count, transitively). ``seed``, ``dtype`` and ``scan_impl`` are in
+  every key. ``reads`` names the other result-relevant ``RunConfig`` fields the step reads, through ``ctx.config``
+  or as ``ctx.layers`` / ``ctx.batch_size``; the default None means all of them (always safe: any change
+  recomputes the step). Narrow it to what the step reads, e.g. ``reads=("samples", "figures")``, so changes of
+  other fields keep its result; reading an undeclared field then raises ``UndeclaredRead``, so a narrowed set
+  cannot go stale unnoticed. Read options as ``ctx.options``, never ``ctx.config.step_options``.
 """
 
-from mamba_interp.pipeline.config import RunConfig, UsageError, build_config, parse_layers, parse_steps
-from mamba_interp.pipeline.context import StepContext, StepResult
-from mamba_interp.pipeline.registry import Step, StepSkipped, all_steps, get_step, register_step
-from mamba_interp.pipeline.report import build_report, write_report
-from mamba_interp.pipeline.runner import Runner, RunSummary
+from __future__ import annotations
 
-__all__ = [
-    "RunConfig", "RunSummary", "Runner", "Step", "StepContext", "StepResult", "StepSkipped", "UsageError",
-    "all_steps", "build_config", "build_report", "get_step", "parse_layers", "parse_steps", "register_step",
-    "write_report",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# imported on first use: the CLI reads ``pipeline.config`` before torch is loaded
+_EXPORTS = {
+    "RunConfig": "config", "UsageError": "config", "build_config": "config", "parse_layers": "config",
+    "parse_steps": "config", "StepContext": "context", "StepResult": "context", "Step": "registry",
+    "StepSkipped": "registry", "all_steps": "registry", "get_step": "registry", "register_step": "registry",
+    "build_report": "report", "write_report": "report", "Runner": "runner", "RunSummary": "runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mamba_interp.pipeline.config import RunConfig, UsageError, build_config, parse_layers, parse_steps
+    from mamba_interp.pipeline.context import StepContext, StepResult
+    from mamba_interp.pipeline.registry import Step, StepSkipped, all_steps, get_step, register_step
+    from mamba_interp.pipeline.report import build_report, write_report
+    from mamba_interp.pipeline.runner import Runner, RunSummary
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -9,8 +9,6 @@ is written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,8 +29,13 @@ HOOK_CHOICES = (
 )
 DEFAULT_HOOKS = ("resid_post", "x", "dt", "B", "C", "y", "gate", "state_norm")
 
-# Fields that change where or how a run is shown, not what it computes: left out of the resume key.
+# Fields that change where or how a run is shown, not what it computes: left out of every resume key.
 NON_RESULT_FIELDS = ("output", "resume", "steps", "device", "quiet", "threads")
+ALWAYS_READ = ("seed", "dtype", "scan_impl")
+"""Fields in every step's resume key: each step runs seeded from ``seed``, on the model cast to ``dtype``, through
+the chosen scan, whether or not it reads them."""
+CONTEXT_FIELDS = ("layers", "batch_size")
+"""Result-relevant fields a step reads through its context (``ctx.layers``, ``ctx.batch_size``)."""
 
 
 class UsageError(ValueError):
@@ -160,7 +163,8 @@ class RunConfig:
     resume: bool = False
     quiet: bool = False
     step_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-step options by step name, e.g. ``{"sae": {"d_sae": 512}}``; each step validates its own."""
+    """Per-step options by step name, e.g. ``{"sae": {"expansion": 8}}``; each step validates its own (every
+    registered step's, whether or not it runs)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -207,7 +211,7 @@ class RunConfig:
         if not isinstance(self.step_options, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Mapping) for k, v in self.step_options.items()
         ):
-            _fail("step_options must map step names to option mappings, e.g. {sae: {d_sae: 512}}")
+            _fail("step_options must map step names to option mappings, e.g. {sae: {expansion: 8}}")
         object.__setattr__(self, "step_options", {k: dict(v) for k, v in self.step_options.items()})
 
     # ---- (de)serialisation ---------------------------------------------------------------------
@@ -238,12 +242,11 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
-    def result_key(self) -> str:
-        """Hash of the fields that change results (the resume check compares it)."""
-        d = self.to_dict()
-        for name in NON_RESULT_FIELDS:
-            d.pop(name, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    @classmethod
+    def result_fields(cls) -> tuple[str, ...]:
+        """Fields that can change a step's result (all but ``NON_RESULT_FIELDS``; ``step_options`` are keyed per
+        step through each step's own options)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in NON_RESULT_FIELDS + ("step_options",))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""What a step receives (:class:`StepContext`) and what it returns (:class:`StepResult`)."""
+"""What a step receives (:class:`StepContext`) and what it returns (:class:`StepResult`).
+
+A step sees the run config through :class:`ConfigView`: the result-relevant fields it declared with
+``register_step(reads=...)`` (all of them by default) and those that never change a result. Reading an undeclared
+field raises :class:`UndeclaredRead`, so a step's resume key always covers what it read.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,50 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mamba_interp.pipeline.config import CONTEXT_FIELDS, RunConfig
 from mamba_interp.utils.io import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from mamba_interp.models import HookedMamba
-    from mamba_interp.pipeline.config import RunConfig
     from mamba_interp.pipeline.model_source import ModelSource
     from mamba_interp.pipeline.registry import Step
+
+
+class UndeclaredRead(RuntimeError):
+    """A step read a result-relevant config field it did not declare in ``register_step(reads=...)``."""
+
+
+def _undeclared(step: Step, name: str) -> UndeclaredRead:
+    return UndeclaredRead(
+        f"{step.label} reads {name!r}, which is not in its register_step(reads=...); add it there so that --resume "
+        f"recomputes the step when {name} changes"
+    )
+
+
+class ConfigView:
+    """Read-only run config of one step: its declared fields (``Step.key_fields``), and the fields that never
+    change a result (output, device, quiet, ...). Methods such as ``to_dict`` pass through."""
+
+    __slots__ = ("_config", "_step")
+
+    def __init__(self, config: RunConfig, step: Step) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_step", step)
+
+    def __getattr__(self, name: str) -> Any:
+        step = self._step
+        if name == "step_options":
+            raise UndeclaredRead(f"{step.label} reads config.step_options; read its own options as ctx.options "
+                                 "(only those are in its resume key)")
+        if name in RunConfig.result_fields() and name not in step.key_fields:
+            raise _undeclared(step, name)
+        return getattr(self._config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the run config is read-only")
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._step.label}, {self._config!r})"
 
 
 @dataclass
@@ -43,7 +85,8 @@ class StepContext:
     """Everything a step may use. Build nothing global: take it from here.
 
     model / device / dtype: the loaded model, already on ``device`` (which may be CPU after an OOM fallback).
-    config: the validated :class:`RunConfig`; ``options``: this step's options dataclass (or None).
+    config: the validated :class:`RunConfig`, seen through :class:`ConfigView`; ``options``: this step's options
+        dataclass (or None).
     seed: this step's seed (derived from ``config.seed`` and the step number; torch, numpy and ``random`` are
         already seeded with it, so a step is deterministic whether or not earlier steps ran in this process).
     batch_size: sequences per forward pass; use it (not ``config.batch_size``), the OOM fallback lowers it.
@@ -55,20 +98,34 @@ class StepContext:
     """
 
     step: Step
-    config: RunConfig
+    config: RunConfig | ConfigView
     model: HookedMamba
     device: torch.device
     dtype: torch.dtype
     seed: int
-    batch_size: int
+    _batch_size: int
     out_dir: Path
     source: ModelSource
-    layers: tuple[int, ...]
+    _layers: tuple[int, ...]
     results: Mapping[int, StepResult]
     log: logging.Logger
     options: Any = None
     _data: Mapping[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     _artifacts: list[str] = field(default_factory=list, repr=False)
+
+    def _declared(self, name: str) -> None:
+        if name in CONTEXT_FIELDS and name not in self.step.key_fields:
+            raise _undeclared(self.step, name)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        self._declared("layers")
+        return self._layers
+
+    @property
+    def batch_size(self) -> int:
+        self._declared("batch_size")
+        return self._batch_size
 
     # ---- inputs from earlier steps ---------------------------------------------------------------
     def data(self, step: int) -> dict[str, Any]:

@@ -94,13 +94,17 @@ def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) ->
 @torch.no_grad()
 def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None) -> dict[str, Any]:
     """Accuracy over ``eval_mask``, mean cross-entropy over scored targets, and per example the mean
-    probability of the correct token and whether every scored position is right."""
+    probability of the correct token, whether every scored position is right, the mean cross-entropy over its
+    targets (``example_loss``, NaN without one) and the fraction of its scored positions that are right
+    (``example_accuracy``, NaN without one). Runs under any hooks attached with ``model.hooks(...)``."""
     device = next(model.parameters()).device
     b = len(batch)
     correct_pos = total_pos = 0
     loss_sum, loss_n = 0.0, 0
     p_correct = torch.zeros(b, dtype=torch.float64)
     all_right = torch.zeros(b, dtype=torch.bool)
+    example_loss = torch.full((b,), float("nan"), dtype=torch.float64)
+    example_acc = torch.full((b,), float("nan"), dtype=torch.float64)
     starts = range(0, b, batch_size)
     for s in (progress(starts) if progress is not None else starts):
         sl = slice(s, s + batch_size)
@@ -121,12 +125,17 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         p = (lp.exp() * emask).sum(-1) / emask.sum(-1).clamp(min=1)
         p_correct[sl] = p.double().cpu()
         all_right[sl] = (hit | ~emask).all(-1).cpu()
+        n_t, n_e = scored.sum(-1), emask.sum(-1)
+        example_loss[sl] = torch.where(n_t > 0, -(lp * scored).sum(-1) / n_t.clamp(min=1), torch.nan).double().cpu()
+        example_acc[sl] = torch.where(n_e > 0, hit.sum(-1) / n_e.clamp(min=1), torch.nan).double().cpu()
     return {
         "accuracy": correct_pos / max(total_pos, 1),
         "loss": loss_sum / max(loss_n, 1),
         "scored_positions": total_pos,
         "p_correct": p_correct,
         "example_correct": all_right,
+        "example_loss": example_loss,
+        "example_accuracy": example_acc,
     }
 
 

@@ -18,6 +18,8 @@ from mamba_interp.pipeline.config import DEFAULT_MODEL, UsageError
 
 FALLBACK_DEFAULT = "induction-mamba1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+TOKENIZER_KEY_FILES = ("special_tokens_map.json", "added_tokens.json", "merges.txt", "spiece.model")
+"""Tokenizer files besides ``TOKENIZER_FILES`` that change how text is tokenised (hashed into resume keys)."""
 CARD_FILES = ("card.json", "training_log.json", "task.json")
 """Files in a checkpoint folder that may name the task the model was trained on (``mamba-interp train`` writes
 ``training_log.json`` with ``{"task": {"name": ..., "params": ...}}``)."""
@@ -101,6 +103,21 @@ class ModelSource:
     def tokenizer_error(self) -> str | None:
         return self._tokenizer_error
 
+    def tokenizer_fingerprint(self) -> str | None:
+        """A hash of the tokenizer files in the model's folder (None without any): part of every resume key, so
+        results built with other tokenizer files are recomputed."""
+        if self.path is None:
+            return None
+        import hashlib
+
+        h, found = hashlib.sha256(), False
+        for name in sorted(set(TOKENIZER_FILES + TOKENIZER_KEY_FILES)):
+            p = self.path / name
+            if p.is_file():
+                h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+                found = True
+        return h.hexdigest()[:16] if found else None
+
     def describe(self) -> dict[str, Any]:
         cfg = self.model.cfg
         return {
@@ -177,11 +194,35 @@ def load_model_source(spec: str, task: str | None = None, dtype: torch.dtype | N
         if task != task_from_card(src.card)[0]:
             src.task_params = {}
     if src.task is not None:
+        _bind_tokenizer(src)
         _check_task(src)
     if dtype is not None:
         src.model.to(dtype=dtype)
     src.model.eval()
     return src
+
+
+def _needs_tokenizer(task: str) -> bool:
+    """Whether ``task`` is a prompt set built with the model's tokenizer (``tasks.text.TextTask``)."""
+    from mamba_interp.tasks.text import TextTask
+
+    todo = [TextTask]
+    while todo:
+        cls = todo.pop()
+        if getattr(cls, "name", None) == task:
+            return True
+        todo += cls.__subclasses__()
+    return False
+
+
+def _bind_tokenizer(src: ModelSource) -> None:
+    """A text task (``--task ioi`` on a language model) gets the model folder's tokenizer."""
+    if "tokenizer" in src.task_params or not _needs_tokenizer(src.task):
+        return
+    if src.tokenizer() is None:
+        raise UsageError(f"task {src.task!r} needs the model's tokenizer, but {src.tokenizer_error}; put the "
+                         "tokenizer files (tokenizer.json, ...) in the model folder or choose another --task")
+    src.task_params = {**src.task_params, "tokenizer": str(src.path)}
 
 
 def _check_task(src: ModelSource) -> None:

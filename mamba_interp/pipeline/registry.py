@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mamba_interp.pipeline.config import UsageError
+from mamba_interp.pipeline.config import ALWAYS_READ, RunConfig, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mamba_interp.pipeline.context import StepContext, StepResult
@@ -47,6 +47,16 @@ class Step:
     default: bool = True
     """Part of the default run (no ``--steps``). Steps too slow for the default run's time budget set it False;
     they run when named with ``--steps`` (or required by a named step)."""
+    reads: frozenset[str] | None = None
+    """The result-relevant ``RunConfig`` fields the step reads (``ctx.config.<field>``, plus ``layers`` and
+    ``batch_size`` through ``ctx``); None: all of them. Only these enter its resume key (with ``ALWAYS_READ``),
+    and reading any other is an error, so a narrowed set cannot silently go stale."""
+
+    @property
+    def key_fields(self) -> tuple[str, ...]:
+        """The config fields in this step's resume key, in ``RunConfig`` order."""
+        declared = set(RunConfig.result_fields()) if self.reads is None else set(self.reads)
+        return tuple(f for f in RunConfig.result_fields() if f in declared or f in ALWAYS_READ)
 
     @property
     def folder_name(self) -> str:
@@ -88,6 +98,7 @@ def register_step(
     options: type | None = None,
     version: int = 1,
     default: bool = True,
+    reads: tuple[str, ...] | frozenset[str] | None = None,
 ) -> Callable[[StepFn], StepFn]:
     """Decorator registering ``fn(ctx) -> StepResult`` as pipeline step ``number``; returns ``fn`` unchanged."""
     if not isinstance(number, int) or number < 0:
@@ -98,6 +109,14 @@ def register_step(
         raise ValueError(f"step {number} cannot require itself")
     if options is not None and not dataclasses.is_dataclass(options):
         raise ValueError(f"options of step {number} must be a dataclass type")
+    if reads is not None:
+        if isinstance(reads, str):
+            raise ValueError(f"reads of step {number} must be a collection of field names, not the string {reads!r}")
+        unknown = sorted(set(reads) - set(RunConfig.result_fields()))
+        if unknown:
+            raise ValueError(f"reads of step {number} names {unknown[0]!r}, which is not a result-relevant RunConfig "
+                             f"field; choose from {', '.join(RunConfig.result_fields())}")
+        reads = frozenset(reads)
 
     def decorator(fn: StepFn) -> StepFn:
         existing = _REGISTRY.get(number)
@@ -107,7 +126,7 @@ def register_step(
             if other.name == name and other.number != number:
                 raise ValueError(f"step name {name!r} is already used by step {other.number}")
         _REGISTRY[number] = Step(number, name, fn, tuple(sorted(set(requires))), title or name, load, options,
-                                 version, default)
+                                 version, default, reads)
         return fn
 
     return decorator

@@ -1,7 +1,8 @@
 """``report.html``: one self-contained page per run (figures embedded as base64 PNG, no external files).
 
 Built only from what is on disk (``manifest.json`` and every ``step_NN_*/result.json``), so it can be rebuilt
-at any time with ``mamba-interp report OUT``. Layout: run header (model, device, seed, versions), an index of
+at any time with ``mamba-interp report OUT``. A file that cannot be read or shown never stops the report: its step
+is shown as ``unreadable`` with the reason. Layout: run header (model, device, seed, versions), an index of
 steps with status and time, then one section per step: status, the generated reading, a metrics table, figures.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,8 @@ section{background:#fff;border:1px solid #dfe3ea;border-radius:8px;padding:16px 
 table{border-collapse:collapse;font-size:.86em;width:100%} td,th{padding:3px 8px;border-bottom:1px solid #eef0f4;
 text-align:left;vertical-align:top} th{background:#f1f3f7} td.num{font-family:ui-monospace,Menlo,monospace}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-size:.8em;font-weight:600;color:#fff}
-.completed{background:#2e8b57}.failed{background:#c0392b}.skipped{background:#8a8f98}.running,.interrupted,
-.pending{background:#d68910}
+.completed{background:#2e8b57}.failed,.unreadable{background:#c0392b}.skipped{background:#8a8f98}.running,
+.interrupted,.pending{background:#d68910}
 .reading{background:#f3f7ff;border-left:4px solid #4a78d0;padding:8px 12px;margin:8px 0;line-height:1.45}
 img{max-width:100%;border:1px solid #eef0f4;margin:6px 0} pre{white-space:pre-wrap;font-size:.8em;
 background:#fbf3f2;padding:8px;border-radius:4px;max-height:320px;overflow:auto}
@@ -94,8 +96,30 @@ def split_tables(metrics: Any, prefix: str = "") -> tuple[list[tuple[str, Any]],
 
 
 def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    try:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as exc:
+        return f'<p class="meta">{html.escape(path.name)} could not be read ({html.escape(type(exc).__name__)})</p>'
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the JSON object in ``path``, None) or (None, why it cannot be read)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        return None, f"{path.name} could not be read ({type(exc).__name__}: {detail})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} holds a {type(data).__name__}, not a JSON object"
+    return data, None
+
+
+def _unreadable(folder: Path, why: str) -> dict[str, Any]:
+    """A stand-in result for a step whose ``result.json`` cannot be read or shown."""
+    number = folder.name.split("_")[1] if folder.name.count("_") >= 2 else "?"
+    return {"step": int(number) if number.isdigit() else number, "name": folder.name.split("_", 2)[-1],
+            "status": "unreadable", "error": {"type": "unreadable result", "message": why}}
 
 
 def _step_section(folder: Path, result: dict[str, Any]) -> str:
@@ -117,14 +141,15 @@ def _step_section(folder: Path, result: dict[str, Any]) -> str:
         out.append(f'<p class="reading">Skipped: {e(result["reason"])}</p>')
     if result.get("error"):
         err = result["error"]
-        out.append(f'<p class="reading">Failed with {e(err.get("type", "error"))}: {e(err.get("message", ""))}</p>')
+        what = "Not shown" if status == "unreadable" else f'Failed with {e(str(err.get("type", "error")))}'
+        out.append(f'<p class="reading">{what}: {e(str(err.get("message", "")))}</p>')
         if err.get("traceback"):
             out.append(f"<details><summary>traceback</summary><pre>{e(err['traceback'])}</pre></details>")
     if result.get("reading"):
         out.append(f'<div class="reading">{e(result["reading"])}</div>')
     for art in result.get("artifacts") or []:
         p = folder / art
-        if p.suffix.lower() == ".png" and p.is_file():
+        if p.suffix.lower() == ".png":  # a listed figure that cannot be read is said to be missing
             out.append(f"<h3>{e(p.stem.replace('_', ' '))}</h3>{_img(p)}")
     rows, grids = split_tables(result.get("metrics") or {})
     if rows:
@@ -153,19 +178,25 @@ def build_report(out_dir: str | Path) -> str:
     out = Path(out_dir)
     e = html.escape
     manifest: dict[str, Any] = {}
+    problems: list[str] = []
     mpath = out / "manifest.json"
-    if mpath.is_file():
-        manifest = json.loads(mpath.read_text())
+    if mpath.exists():
+        manifest, why = _read_json(mpath)
+        manifest = manifest or {}
+        if why:
+            problems.append(why)
     results: list[tuple[Path, dict[str, Any]]] = []
     for folder in sorted(out.glob("step_*")):
         rp = folder / "result.json"
-        if rp.is_file():
-            results.append((folder, json.loads(rp.read_text())))
+        if folder.is_dir() and os.path.lexists(rp):
+            data, why = _read_json(rp)
+            results.append((folder, data if data is not None else _unreadable(folder, str(why))))
     by_folder = {f.name: r for f, r in results}
     model = manifest.get("model", {})
     title = f"mamba_interp report: {model.get('name', out.name)}"
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{CSS}</style></head><body><main>", f"<h1>{e(title)}</h1>"]
+    parts += [f'<p class="reading">{e(p)}</p>' for p in problems]
     if manifest:
         versions = manifest.get("versions", {})
         git = manifest.get("git") or {}
@@ -191,10 +222,15 @@ def build_report(out_dir: str | Path) -> str:
     parts.append("<section><h2>Steps</h2><table><tr><th>#</th><th>step</th><th>status</th><th>time</th>"
                  "<th>note</th></tr>")
     for entry in index:
+        if not isinstance(entry, dict):
+            continue
         folder = entry.get("folder", "")
         res = by_folder.get(folder, {})
         status = entry.get("status") or res.get("status", "")
+        if res.get("status") == "unreadable":
+            status = "unreadable"
         dur = entry.get("duration_s")
+        dur = dur if isinstance(dur, (int, float)) else None
         note = "resumed" if entry.get("resumed") else (entry.get("reason") or "")
         parts.append(
             f'<tr><td>{entry.get("step")}</td><td><a href="#step-{entry.get("step")}">{e(str(entry.get("name")))}'
@@ -202,10 +238,14 @@ def build_report(out_dir: str | Path) -> str:
             f'<td class="num">{"" if dur is None else f"{dur:.1f} s"}</td><td>{e(str(note))}</td></tr>'
         )
     parts.append("</table></section>")
-    listed = {entry.get("folder") for entry in index}
+    listed = {entry.get("folder") for entry in index if isinstance(entry, dict)}
     for folder, result in results:
         if folder.name in listed:  # a folder left by an earlier run with other steps is not this run's result
-            parts.append(_step_section(folder, result))
+            try:
+                parts.append(_step_section(folder, result))
+            except Exception as exc:  # a result.json with fields of the wrong kind: say so, show the others
+                why = f"result.json could not be shown ({type(exc).__name__}: {exc})"
+                parts.append(_step_section(folder, _unreadable(folder, why)))
     if manifest:
         cfg = json.dumps(manifest.get("config", {}), indent=2)
         parts.append(f"<section><h2>Configuration</h2><pre>{e(cfg)}</pre></section>")

@@ -14,28 +14,36 @@ Guarantees:
   before anything is written; failures are :class:`UsageError`.
 * A step folder is emptied when its step starts, and ``result.json`` is written atomically only when the step
   ends, so a run killed mid-step leaves no result that looks complete; ``--resume`` re-runs it.
-* ``--resume`` skips a step whose ``result.json`` is ``completed`` for the same result-relevant config
-  (``RunConfig.result_key``), model fingerprint and step version.
+* ``--resume`` skips a step whose ``result.json`` is ``completed`` with the step's resume key in this run (the
+  config fields it reads, its options and version, the model and its task, card and tokenizer, and the keys of the
+  steps it requires; ``resume_key.py``).
+* One run per output folder: ``OUT/run.lock`` is held from :meth:`Runner.prepare` to :meth:`Runner.close`; a second
+  run into the folder is a :class:`UsageError` naming the first.
+* What an earlier run with another configuration left (``step_*`` entries whose ``result.json`` does not carry this
+  run's key for that step, or cannot be read, or a file where a step folder belongs) is moved, with the old
+  manifest and report, to ``OUT/stale/<timestamp>/`` before the run writes; nothing is deleted.
 * A failing step is recorded (``status: failed`` with the error) and the run goes on; steps that require it
-  are recorded as ``skipped`` with the reason.
+  are recorded as ``skipped`` with the reason. Filesystem errors while preparing a step's folder or writing its
+  result are that step's failure too.
+* Ctrl-C and SIGTERM (``interrupts.py``) record the running step and the run as ``interrupted``.
 * CUDA out-of-memory inside a step: retried with half the batch (twice), then on CPU; each fallback is recorded
   in ``result.json["fallbacks"]``.
+
+The pieces live in their own modules: ``output_folder.py`` (checks on ``OUT``, the lock, stale leftovers),
+``results.py`` (records, ``result.json`` and the resume match), ``resume_key.py`` (what a step's key covers),
+``fallback.py`` (the out-of-memory retries).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import gc
-import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +51,11 @@ import torch
 
 from mamba_interp.pipeline import environment as env
 from mamba_interp.pipeline.config import RunConfig, UsageError
-from mamba_interp.pipeline.context import StepContext, StepResult
+from mamba_interp.pipeline.context import ConfigView, StepContext, StepResult
+from mamba_interp.pipeline.fallback import OOMFallback
+from mamba_interp.pipeline.interrupts import describe as describe_interrupt
 from mamba_interp.pipeline.model_source import ModelSource, load_model_source
+from mamba_interp.pipeline.output_folder import RunLock, check_output_folder, make_output_folder, move_to_stale
 from mamba_interp.pipeline.registry import (
     Step,
     StepSkipped,
@@ -53,96 +64,20 @@ from mamba_interp.pipeline.registry import (
     get_step,
     with_requirements,
 )
+from mamba_interp.pipeline.results import (
+    MANIFEST_FORMAT,
+    ResultStore,
+    RunSummary,
+    StepRecord,
+    first_line,
+    now,
+)
+from mamba_interp.pipeline.resume_key import ResumeKeys
 from mamba_interp.utils.io import atomic_write_json
 
+__all__ = ["Runner", "RunSummary", "StepRecord", "print_line"]
+
 logger = logging.getLogger("mamba_interp.pipeline")
-
-MANIFEST_FORMAT = "mamba_interp.run/1"
-MAX_HALVINGS = 2
-
-
-def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA (or allocator) out-of-memory errors, the only ones a smaller batch or the CPU can fix."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-
-
-def check_output_folder(path: Path) -> None:
-    """Raise :class:`UsageError` unless ``path`` is (or can become) a writable folder. Writes nothing."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"output path {str(path)!r} is a file; pass a folder path to --output")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"output path {str(path)!r} lies under the file {str(ancestor)!r}; choose another --output")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {str(ancestor)!r} is not writable; choose another --output")
-
-
-def make_output_folder(path: Path) -> None:
-    """Create ``path`` and prove it writable; on failure remove what was created and raise :class:`UsageError`."""
-    created: list[Path] = []
-    p = path
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        for c in created:  # deepest first
-            try:
-                c.rmdir()
-            except OSError:
-                pass
-        raise UsageError(
-            f"output folder {str(path)!r} is not writable ({exc.strerror or type(exc).__name__}); "
-            "choose another --output"
-        ) from None
-
-
-@dataclass
-class StepRecord:
-    """The runner's view of one step in this run (mirrored in ``manifest.json``)."""
-
-    step: Step
-    status: str = "pending"  # pending | running | completed | failed | skipped | interrupted
-    duration_s: float | None = None
-    resumed: bool = False
-    reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"step": self.step.number, "name": self.step.name, "title": self.step.title, "status": self.status,
-                "duration_s": self.duration_s, "resumed": self.resumed, "reason": self.reason,
-                "folder": self.step.folder_name}
-
-
-@dataclass
-class RunSummary:
-    out_dir: Path
-    report: Path | None
-    records: dict[int, StepRecord] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> list[int]:
-        return [n for n, r in self.records.items() if r.status == "failed"]
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
 
 
 class Runner:
@@ -164,7 +99,8 @@ class Runner:
         self.data: dict[int, dict[str, Any]] = {}
         self.records: dict[int, StepRecord] = {}
         self._log_handler: logging.Handler | None = None
-        self._manifest_created = _now()
+        self._lock: RunLock | None = None
+        self._manifest_created = now()
         self._status = "running"
 
     # ---- preparation: everything that can fail on bad input, before anything is written ------------
@@ -184,11 +120,12 @@ class Runner:
                 get_step(n)  # raises UsageError naming the implemented steps
             self.selected = list(cfg.steps)
         self.planned = with_requirements(self.selected)
-        self.options = {n: steps[n].make_options(cfg.step_options.get(steps[n].name)) for n in self.planned}
         known_names = {s.name for s in steps.values()}
         unknown = sorted(set(cfg.step_options) - known_names)
         if unknown:
             raise UsageError(f"step_options names unknown step {unknown[0]!r}; steps: {', '.join(sorted(known_names))}")
+        # every step's options, run or not: a typo must not be stored in the run's config as if it were used
+        self.options = {n: s.make_options(cfg.step_options.get(s.name)) for n, s in steps.items()}
         if self.source is None:
             self.source = load_model_source(cfg.model, task=cfg.task, dtype=None)
         model = self.source.model
@@ -221,19 +158,55 @@ class Runner:
         check_output_folder(self.out_dir)
         # validation is over: from here on the run may write
         make_output_folder(self.out_dir)
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        model.to(device=self.device, dtype=self.dtype).eval()
-        self.fingerprint = model.fingerprint()
-        self._environment = {"versions": env.library_versions(), "platform": env.platform_info(),
-                             "git": env.git_revision()}
-        self.records = {n: StepRecord(steps[n]) for n in self.planned}
-        self._attach_log()
-        self.prepared = True
-        logger.info("run prepared: model %s (%s), device %s, layers %s, steps %s, output %s", self.source.name,
-                    self.fingerprint, self.device, list(self.layers), self.planned, self.out_dir)
-        self.write_manifest()
+        self._lock = RunLock(self.out_dir)
+        self._lock.acquire(" ".join(self.argv) if self.argv else f"python (pid {os.getpid()})")
+        try:
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)
+            model.to(device=self.device, dtype=self.dtype).eval()
+            self.fingerprint = model.fingerprint()
+            self.keys = ResumeKeys(cfg, self.options, self.fingerprint, self.layers, self.source)
+            self.store = ResultStore(self.out_dir, cfg, self.fingerprint, self.layers, self.keys)
+            self._environment = {"versions": env.library_versions(), "platform": env.platform_info(),
+                                 "git": env.git_revision()}
+            self.records = {n: StepRecord(steps[n]) for n in self.planned}
+            self._attach_log()
+            if self._lock.took_over:
+                logger.warning("took over the lock of an earlier run that is no longer running: %s",
+                               self._lock.took_over)
+            self._set_aside_stale()
+            self.prepared = True
+            logger.info("run prepared: model %s (%s), device %s, layers %s, steps %s, output %s", self.source.name,
+                        self.fingerprint, self.device, list(self.layers), self.planned, self.out_dir)
+            self.write_manifest()
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    def _set_aside_stale(self) -> None:
+        """Move ``step_*`` entries that are not this configuration's results (see the module docstring) to
+        ``OUT/stale/<timestamp>/``, with the manifest and report that described them."""
+        by_folder = {s.folder_name: s for s in all_steps().values()}
+        stale = []
+        for entry in sorted(self.out_dir.glob("step_*")):
+            step = by_folder.get(entry.name)
+            if entry.is_symlink() or not entry.is_dir():
+                stale.append(entry.name)
+            elif os.path.lexists(entry / "result.json") and (
+                    step is None or not self.store.belongs(step, self.store.read(step))):
+                stale.append(entry.name)
+        if not stale:
+            return
+        extra = [f for f in ("manifest.json", "report.html") if (self.out_dir / f).is_file()]
+        target, failed = move_to_stale(self.out_dir, stale + extra)
+        moved = [n for n in stale if n not in failed]
+        if moved:
+            self.echo(f"moved {len(moved)} result folder(s) of an earlier run with another configuration to {target}")
+            logger.warning("moved %s (another configuration's results) to %s", ", ".join(moved), target)
+        if failed:
+            logger.warning("could not move %s to %s; a step that needs the place will fail", ", ".join(failed),
+                           target)
 
     def _default_output(self) -> Path:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -255,13 +228,22 @@ class Runner:
         self._log_handler = handler
 
     def close(self) -> None:
-        """Detach the log file (the runner stays usable for reading results)."""
+        """Detach the log file and release the output folder (the runner stays usable for reading results)."""
         if self._log_handler is not None:
             root = logging.getLogger("mamba_interp")
             root.removeHandler(self._log_handler)
             root.setLevel(self._log_level)
             self._log_handler.close()
             self._log_handler = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ---- manifest and results ---------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -270,70 +252,26 @@ class Runner:
             "format": MANIFEST_FORMAT,
             "status": self._status,
             "created_at": self._manifest_created,
-            "updated_at": _now(),
+            "updated_at": now(),
             "command": self.argv,
             "config": self.config.to_dict(),
-            "result_key": self.config.result_key(),
             "seed": self.config.seed,
             **self._environment,
             "device": env.device_info(self.device),
             "dtype": self.config.dtype,
             "model": {**src.describe(), "fingerprint": self.fingerprint},
             "layers": list(self.layers),
-            "steps": [r.to_json() for r in self.records.values()],
+            "steps": [r.to_json() | {"result_key": self.keys.key(r.step)} for r in self.records.values()],
         }
 
     def write_manifest(self) -> None:
         atomic_write_json(self.out_dir / "manifest.json", self.manifest())
 
-    def _result_path(self, step: Step) -> Path:
-        return self.out_dir / step.folder_name / "result.json"
-
-    def _matching_result(self, step: Step) -> dict[str, Any] | None:
-        """The step's completed ``result.json`` if it was computed for this config, model and step version."""
-        path = self._result_path(step)
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        ok = (data.get("status") == "completed" and data.get("result_key") == self.config.result_key()
-              and data.get("model_fingerprint") == self.fingerprint and data.get("step_version") == step.version
-              and data.get("layers") == list(self.layers))
-        return data if ok else None
-
     def _write_result(self, step: Step, status: str, started: str, duration: float, result: StepResult | None,
                       ctx: StepContext | None, fallbacks: list[dict], error: dict | None = None,
                       reason: str | None = None) -> None:
-        artifacts: list[str] = []
-        if result is not None:
-            artifacts = list(dict.fromkeys((ctx._artifacts if ctx else []) + list(result.artifacts)))
-        payload = {
-            "step": step.number,
-            "name": step.name,
-            "title": step.title,
-            "status": status,
-            "duration_s": round(duration, 3),
-            "started_at": started,
-            "finished_at": _now(),
-            "config": self.config.to_dict(),
-            "result_key": self.config.result_key(),
-            "model_fingerprint": self.fingerprint,
-            "step_version": step.version,
-            "requires": list(step.requires),
-            "layers": list(self.layers),
-            "options": _options_dict(ctx.options if ctx else None),
-            "device": str(ctx.device) if ctx else str(self.device),
-            "batch_size": ctx.batch_size if ctx else self.config.batch_size,
-            "fallbacks": fallbacks,
-            "metrics": result.metrics if result else {},
-            "artifacts": artifacts,
-            "reading": result.reading if result else "",
-            "reason": reason,
-            "error": error,
-        }
-        atomic_write_json(self._result_path(step), payload)
+        self.store.write(step, status, started, duration, result, ctx, fallbacks, self.device, error=error,
+                         reason=reason)
 
     # ---- execution ---------------------------------------------------------------------------
     def run(self, steps: Iterable[int] | None = None) -> RunSummary:
@@ -343,8 +281,6 @@ class Runner:
         planned = with_requirements(selected)
         for n in planned:
             self.records.setdefault(n, StepRecord(get_step(n)))
-            if n not in self.options:
-                self.options[n] = get_step(n).make_options(self.config.step_options.get(get_step(n).name))
         self._status = "running"
         self.write_manifest()
         try:
@@ -354,6 +290,10 @@ class Runner:
             self._status = "interrupted"
             self.write_manifest()
             self._write_report()
+            raise
+        except BaseException:
+            self._status = "failed"  # an error of the runner itself, outside any step: say so, not "running"
+            self.write_manifest()
             raise
         self.refresh_status()
         report = self._write_report()
@@ -384,7 +324,7 @@ class Runner:
             self._record_skip(step, reason)
             return
         if reuse_ok:
-            previous = self._matching_result(step)
+            previous = self.store.matching(step)
             if previous is not None:
                 self.results[step.number] = StepResult(previous.get("metrics", {}), previous.get("reading", ""),
                                                        previous.get("artifacts", []))
@@ -402,7 +342,7 @@ class Runner:
             if r in self.data:
                 continue
             req = get_step(r)
-            if req.load is not None and self._matching_result(req) is not None:
+            if req.load is not None and self.store.matching(req) is not None:
                 ctx = self._context(req, self.device, self.config.batch_size)
                 logger.info("%s: loading the data of %s from its folder", step.label, req.label)
                 try:
@@ -419,8 +359,9 @@ class Runner:
     def _context(self, step: Step, device: torch.device, batch_size: int) -> StepContext:
         seed = env.step_seed(self.config.seed, step.number)
         return StepContext(
-            step=step, config=self.config, model=self.source.model, device=device, dtype=self.dtype, seed=seed,
-            batch_size=batch_size, out_dir=self.out_dir / step.folder_name, source=self.source, layers=self.layers,
+            step=step, config=ConfigView(self.config, step), model=self.source.model, device=device, dtype=self.dtype,
+            seed=seed, _batch_size=batch_size, out_dir=self.out_dir / step.folder_name, source=self.source,
+            _layers=self.layers,
             results=self.results, log=logging.getLogger(f"mamba_interp.pipeline.{step.folder_name}"),
             options=self.options.get(step.number), _data=self.data,
         )
@@ -438,79 +379,79 @@ class Runner:
         record = self.records.setdefault(step.number, StepRecord(step))
         record.status, record.resumed, record.reason = "running", False, None
         self.write_manifest()
-        self._fresh_folder(step)
-        started, t0 = _now(), time.perf_counter()
+        started, t0 = now(), time.perf_counter()
         ctx: StepContext | None = None
-        fallbacks: list[dict[str, Any]] = []
+        fallback = OOMFallback(self.device, self.config.batch_size)
         try:
+            self._fresh_folder(step)
             self._ensure_inputs(step)
-            device, batch_size, halvings = self.device, self.config.batch_size, 0
             while True:
                 env.seed_everything(env.step_seed(self.config.seed, step.number))
-                ctx = self._context(step, device, batch_size)
+                ctx = self._context(step, fallback.device, fallback.batch_size)
                 try:
                     result = step.fn(ctx)
                     break
                 except Exception as exc:
-                    can_shrink = batch_size > 1 and halvings < MAX_HALVINGS
-                    if not is_oom(exc) or not (can_shrink or device.type == "cuda"):
+                    if not fallback.recoverable(exc):
                         raise
                     msg = first_line(exc)[:200] or type(exc).__name__
-                # outside the except block the error's frames (and the tensors they hold) are released, so the
-                # allocator's cache can really be emptied before the retry
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if can_shrink:
-                    batch_size, halvings = max(1, batch_size // 2), halvings + 1
-                    fallbacks.append({"action": "smaller_batch", "batch_size": batch_size, "device": str(device),
-                                      "error": msg})
-                else:
-                    device = torch.device("cpu")
-                    self._move_model(device)
-                    fallbacks.append({"action": "cpu", "batch_size": batch_size, "device": "cpu", "error": msg})
+                action = fallback.advance(msg)  # outside the except block: see OOMFallback.advance
+                if action["action"] == "cpu":
+                    self._move_model(fallback.device)
                 logger.warning("%s: out of memory (%s); retrying with batch %d on %s", step.label, msg,
-                               batch_size, device)
+                               fallback.batch_size, fallback.device)
                 self.echo(f"step {step.number:>2} {step.name:<14} out of memory; retrying with batch "
-                          f"{batch_size} on {device}")
+                          f"{fallback.batch_size} on {fallback.device}")
                 self._fresh_folder(step)
             if not isinstance(result, StepResult):
                 raise TypeError(f"{step.label} returned {type(result).__name__}; return a StepResult")
         except StepSkipped as exc:
-            self._restore_device()
-            duration = time.perf_counter() - t0
-            self._write_result(step, "skipped", started, duration, None, ctx, fallbacks, reason=str(exc))
-            record.status, record.duration_s, record.reason = "skipped", round(duration, 3), str(exc)
-            self.echo(f"step {step.number:>2} {step.name:<14} skipped: {exc}")
-            logger.info("%s skipped: %s", step.label, exc)
-            self.write_manifest()
+            self._finish(step, "skipped", started, t0, ctx, fallback.taken, reason=str(exc))
             return
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self._restore_device()
-            record.status, record.reason = "interrupted", "interrupted by the user"
-            logger.warning("%s interrupted; no result.json written (rerun with --resume)", step.label)
+            record.status, record.reason = "interrupted", describe_interrupt(exc)
+            logger.warning("%s %s; no result.json written (rerun with --resume)", step.label, record.reason)
             raise
         except Exception as exc:
-            self._restore_device()
-            duration = time.perf_counter() - t0
             tb = traceback.format_exc()
-            error = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
-            self._write_result(step, "failed", started, duration, None, ctx, fallbacks, error=error)
-            record.status, record.duration_s = "failed", round(duration, 3)
-            record.reason = f"{type(exc).__name__}: {first_line(exc)}"
             logger.error("%s failed:\n%s", step.label, tb)
-            self.echo(f"step {step.number:>2} {step.name:<14} FAILED: {record.reason} (traceback in run.log)")
-            self.write_manifest()
+            error = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+            self._finish(step, "failed", started, t0, ctx, fallback.taken, error=error,
+                         reason=f"{type(exc).__name__}: {first_line(exc)}")
             return
+        self._finish(step, "completed", started, t0, ctx, fallback.taken, result=result)
+
+    def _finish(self, step: Step, status: str, started: str, t0: float, ctx: StepContext | None,
+                fallbacks: list[dict], result: StepResult | None = None, error: dict | None = None,
+                reason: str | None = None) -> None:
+        """Record the end of a step: ``result.json`` (a failure to write it fails the step), record, manifest."""
         self._restore_device()
         duration = time.perf_counter() - t0
-        self.results[step.number] = result
-        self.data[step.number] = result.data
-        self._write_result(step, "completed", started, duration, result, ctx, fallbacks)
-        record.status, record.duration_s = "completed", round(duration, 3)
-        note = f" [{len(fallbacks)} OOM fallback(s)]" if fallbacks else ""
-        self.echo(f"step {step.number:>2} {step.name:<14} completed in {duration:6.1f} s{note}")
-        logger.info("%s completed in %.2f s", step.label, duration)
+        try:
+            self._write_result(step, status, started, duration, result, ctx, fallbacks, error=error,
+                               reason=None if status == "failed" else reason)
+        except OSError as exc:
+            logger.error("%s: result.json could not be written: %s", step.label, exc)
+            if status == "completed":
+                status, result = "failed", None
+                reason = f"result.json could not be written ({type(exc).__name__}: {first_line(exc)})"
+            else:
+                reason = f"{reason}; its result.json could not be written ({type(exc).__name__})"
+        record = self.records[step.number]
+        record.status, record.duration_s, record.resumed = status, round(duration, 3), False
+        record.reason = None if status == "completed" else reason
+        if result is not None:
+            self.results[step.number] = result
+            self.data[step.number] = result.data
+            note = f" [{len(fallbacks)} OOM fallback(s)]" if fallbacks else ""
+            self.echo(f"step {step.number:>2} {step.name:<14} completed in {duration:6.1f} s{note}")
+            logger.info("%s completed in %.2f s", step.label, duration)
+        elif status == "skipped":
+            self.echo(f"step {step.number:>2} {step.name:<14} skipped: {reason}")
+            logger.info("%s skipped: %s", step.label, reason)
+        else:
+            self.echo(f"step {step.number:>2} {step.name:<14} FAILED: {reason} (traceback in run.log)")
         self.write_manifest()
 
     def _restore_device(self) -> None:
@@ -518,23 +459,11 @@ class Runner:
             self._move_model(self.device)
 
     def _record_skip(self, step: Step, reason: str) -> None:
-        folder = self.out_dir / step.folder_name
-        self._fresh_folder(step)
-        now = _now()
-        self._write_result(step, "skipped", now, 0.0, None, None, [], reason=reason)
-        rec = self.records[step.number]
-        rec.status, rec.duration_s, rec.reason, rec.resumed = "skipped", 0.0, reason, False
-        self.echo(f"step {step.number:>2} {step.name:<14} skipped: {reason}")
-        logger.info("%s skipped: %s (%s)", step.label, reason, folder)
-        self.write_manifest()
-
-
-def _options_dict(options: Any) -> dict[str, Any] | None:
-    if options is None:
-        return None
-    import dataclasses
-
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+        try:
+            self._fresh_folder(step)
+        except OSError as exc:  # the result.json write below fails too and says so
+            logger.error("%s: its folder could not be prepared: %s", step.label, exc)
+        self._finish(step, "skipped", now(), time.perf_counter(), None, [], reason=reason)
 
 
 def print_line(line: str) -> None:

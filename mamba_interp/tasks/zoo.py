@@ -90,9 +90,20 @@ def training_log(name: str) -> dict[str, Any]:
     return json.loads(log.read_text())
 
 
+def snapshot_files(folder: str | Path) -> dict[int, Path]:
+    """``snapshot_stepNNNNNN.safetensors`` files of a checkpoint folder (zoo entry or ``mamba-interp train``
+    output) by training step, in step order."""
+    files = {}
+    for p in Path(folder).glob("snapshot_step*.safetensors"):
+        step = p.stem.removeprefix("snapshot_step")
+        if step.isdigit():
+            files[int(step)] = p
+    return dict(sorted(files.items()))
+
+
 def snapshot_steps(name: str) -> list[int]:
     """Steps at which weight snapshots are shipped (empty for most models)."""
-    return sorted(int(p.stem.removeprefix("snapshot_step")) for p in path(name).glob("snapshot_step*.safetensors"))
+    return list(snapshot_files(path(name)))
 
 
 def load_snapshot(name: str, step: int) -> nn.Module:

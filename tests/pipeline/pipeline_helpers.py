@@ -27,3 +27,17 @@ def run_pipeline(model: Path | str, out: Path, **kw):
 
 def read_result(out: Path, folder: str) -> dict:
     return json.loads((out / folder / "result.json").read_text())
+
+
+def load_step_data(model: Path | str, out: Path, number: int, **kw) -> dict:
+    """A finished step's in-memory data as rebuilt by its ``load`` (what a resumed run gives later steps)."""
+    from mamba_interp.pipeline import Runner
+    from mamba_interp.pipeline.registry import get_step
+
+    runner = Runner(small_config(model, out, steps=str(number), resume=True, **kw))
+    try:
+        runner.prepare()
+        step = get_step(number)
+        return step.load(runner._context(step, runner.device, runner.config.batch_size))
+    finally:
+        runner.close()

@@ -76,12 +76,11 @@ def test_from_dict_rejects_unknown_keys_and_accepts_aliases():
     assert RunConfig.from_dict({"layer": 1, "n_samples": 5}).samples == 5
 
 
-def test_result_key_ignores_presentation_fields_only():
-    a = RunConfig(output="a", device="cpu", resume=False, steps="0-2")
-    b = RunConfig(output="b", device="auto", resume=True, steps="all", quiet=True)
-    assert a.result_key() == b.result_key()
-    assert RunConfig(seed=1).result_key() != RunConfig(seed=2).result_key()
-    assert RunConfig(samples=10).result_key() != RunConfig(samples=11).result_key()
+def test_result_fields_leave_out_presentation_fields_only():
+    fields = set(RunConfig.result_fields())
+    assert not fields & {"output", "device", "resume", "steps", "quiet", "threads", "step_options"}
+    assert {"model", "layers", "samples", "seq_len", "batch_size", "seed", "dtype", "scan_impl", "task", "hooks",
+            "figures", "save_activations", "dead_threshold", "outlier_ratio"} <= fields
 
 
 def test_yaml_file_then_overrides(tmp_path):

@@ -84,3 +84,23 @@ def test_report_without_manifest_lists_what_is_on_disk(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == [("a.b", 1), ("a.c.d", [1, 2]), ("e", {})]
+
+
+def test_broken_files_are_shown_as_such_and_never_stop_the_report(tmp_path):
+    out = _fake_run(tmp_path)
+    (out / "step_02_activations" / "result.json").write_text('{"step": 2, "status": "compl')  # cut off
+    (out / "step_07_stale" / "result.json").write_bytes(b"\xff\xfe not text")  # not even in the manifest
+    bad = json.loads((out / "step_05_circuits" / "result.json").read_text())
+    (out / "step_05_circuits" / "result.json").write_text(json.dumps({**bad, "duration_s": "slow"}))
+    (out / "step_00_setup" / "stats_heatmap.png").mkdir()  # an artifact that cannot be read
+    setup = json.loads((out / "step_00_setup" / "result.json").read_text())
+    (out / "step_00_setup" / "result.json").write_text(json.dumps({**setup, "artifacts": ["stats_heatmap.png"]}))
+    text = write_report(out).read_text()
+    index = text[text.index("<h2>Steps</h2>"):text.index("</table>")]
+    assert index.count('class="status unreadable"') == 1  # step 2; step 5 is listed with the manifest's status
+    assert "Not shown: result.json could not be read (JSONDecodeError" in text
+    assert "Not shown: result.json could not be shown (ValueError" in text  # step 5's duration is not a number
+    assert "All 34 hook points fired" in text and "stats_heatmap.png could not be read" in text
+    (out / "manifest.json").write_text("[1, 2]")
+    text = build_report(out)
+    assert "manifest.json holds a list, not a JSON object" in text and 'id="step-7"' in text

@@ -101,9 +101,9 @@ def test_resume_skips_matching_steps_and_recomputes_changed_config(base_run, tas
     _, summary = run_pipeline(task_model_dir, out, resume=True, figures=True)
     assert all(r.resumed and r.status == "completed" for r in summary.records.values())
     assert (out / "step_02_activations" / "result.json").stat().st_mtime_ns == before["step_02_activations"]
-    # a result-relevant change (samples) invalidates every step
+    # samples changes what steps 1 and 2 read (and so their keys), not step 0's
     _, summary = run_pipeline(task_model_dir, out, resume=True, samples=10, figures=True)
-    assert not any(r.resumed for r in summary.records.values())
+    assert [summary.records[n].resumed for n in (0, 1, 2)] == [True, False, False]
     assert read_result(out, "step_02_activations")["metrics"]["sequences"] == 10
 
 
@@ -272,3 +272,12 @@ def test_analyzer_collects_activations_of_texts(tokenizer_model_dir, tmp_path):
     assert acts[("resid_post", 1)].shape == (2, 5, 32)
     # left padding: the shorter text's first position is padding, the last is always real
     assert acts.mask.tolist() == [[True] * 5, [False, True, True, True, True]]
+
+
+def test_text_task_on_a_language_model_uses_the_folders_tokenizer(tokenizer_model_dir, tmp_path):
+    """``--task ioi`` on a language-model folder with tokenizer files: the task is built with that tokenizer."""
+    runner, summary = run_pipeline(tokenizer_model_dir, tmp_path / "ioi", steps="0-1", task="ioi")
+    assert summary.exit_code == 0
+    m1 = read_result(tmp_path / "ioi", "step_01_tasks")["metrics"]
+    assert m1["kind"] == "task" and m1["primary"] == "ioi" and m1["datasets"]["ioi"]["sequences"] == 12
+    assert runner.source.task_params == {"tokenizer": str(tokenizer_model_dir)}

@@ -127,8 +127,9 @@ def test_step3_loader_rebuilds_the_saes(trained_model, sae_out):
 
     from mamba_interp.pipeline import RunConfig, Runner
 
-    runner = Runner(RunConfig(model=str(trained_model), output=str(sae_out), samples=64, quiet=True, figures=False,
-                              steps="0-3", resume=True, step_options={"sae": FAST_SAE}))
+    # the configuration of sae_out's run: preparing a runner with another one would set its results aside
+    runner = Runner(RunConfig(model=str(trained_model), output=str(sae_out), samples=64, batch_size=8, quiet=True,
+                              figures=True, steps="0-3", resume=True, step_options={"sae": FAST_SAE}))
     try:
         runner.prepare()
         step = get_step(3)

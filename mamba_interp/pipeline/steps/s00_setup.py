@@ -44,7 +44,8 @@ def expected_shapes(cfg, b: int, l: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-@register_step(0, "setup", title="Setup: seeding, device, instrumentation, manifest", load=lambda ctx: {})
+@register_step(0, "setup", title="Setup: seeding, device, instrumentation, manifest", load=lambda ctx: {},
+               reads=("model", "layers"))
 def run(ctx: StepContext) -> StepResult:
     model, cfg = ctx.model, ctx.model.cfg
     gen = torch.Generator().manual_seed(ctx.seed)

@@ -73,7 +73,8 @@ def _by_distance(batch, ev: dict) -> dict | None:
     return out
 
 
-@register_step(1, "tasks", requires=(0,), title="Datasets: task batches with ground truth, or prompt sets", load=load)
+@register_step(1, "tasks", requires=(0,), title="Datasets: task batches with ground truth, or prompt sets", load=load,
+               reads=("samples", "seq_len", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     ds = _datasets(ctx)
     chance = getattr(ds.task, "chance", None) if ds.kind == "task" else None

@@ -48,7 +48,8 @@ def _A(model: Any, layer: int) -> torch.Tensor:
 
 
 @register_step(2, "activations", requires=(1,), title="Activations and baseline statistics per layer and hook",
-               load=load)
+               load=load, reads=("layers", "batch_size", "hooks", "dead_threshold", "outlier_ratio", "save_activations",
+                                 "figures"))
 def run(ctx: StepContext) -> StepResult:
     from mamba_interp.pipeline.activation_stats import collect_activations
 

@@ -1,0 +1,224 @@
+"""Step 3's machinery around its SAEs: the train / held-out activations, splicing an SAE (or an ablation) into
+the model and the loss at the task's target positions, and the tables of latents against ground-truth variables.
+
+Functions here take a model and tensors (or a :class:`StepContext` where they read the run's data), so later
+steps and notebooks reuse them; the step itself is ``pipeline/steps/s03_sae.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mamba_interp.pipeline.activation_stats import STATE_NORM, ActivationSet, collect_activations, hook_name
+from mamba_interp.pipeline.config import HOOK_CHOICES
+from mamba_interp.pipeline.context import StepContext
+from mamba_interp.sparse_autoencoder import (
+    SAEConfig,
+    SparseAutoencoder,
+    feature_variable_correlation,
+    top_activating_examples,
+)
+
+SAE_HOOKS = tuple(h for h in HOOK_CHOICES if h != STATE_NORM)
+"""Hooks an SAE can be trained on and spliced into (``state_norm`` is a derived statistic, not an activation)."""
+MIN_ABLATION_EFFECT = 0.01
+"""Nats: below this change of the loss under mean ablation, "loss recovered" divides noise by noise."""
+
+
+@dataclass
+class TrainedSAE:
+    """One SAE of step 3 and where it sits in the model."""
+
+    key: str
+    """``"L<layer>_<hook>"``; also its folder ``sae_<key>``."""
+    hook: str
+    layer: int
+    sae: SparseAutoencoder
+    density: Tensor
+    """[m] firing frequency of each latent on the held-out tokens."""
+
+    @property
+    def folder(self) -> str:
+        return f"sae_{self.key}"
+
+    @property
+    def hook_name(self) -> str:
+        return hook_name(self.hook, self.layer)
+
+
+def sae_key(hook: str, layer: int) -> str:
+    return f"L{layer}_{hook}"
+
+
+# ---- activations: train / held-out split ---------------------------------------------------------
+@dataclass
+class SAEActivations:
+    """Training activations, held-out activations and the held-out sequences (with their ground truth)."""
+
+    train: ActivationSet
+    eval: ActivationSet
+    eval_batch: Any
+    """The ``TaskBatch`` whose tokens produced ``eval``."""
+    split: str
+    """``"heldout"`` (step 1's fresh sequences) or ``"sequences"`` (the last part of the primary dataset)."""
+
+
+def _subset(acts: ActivationSet, rows: slice) -> ActivationSet:
+    return ActivationSet({k: v[rows] for k, v in acts.acts.items()}, dict(acts.shapes), acts.mask[rows],
+                         acts.layers, acts.hooks)
+
+
+def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int, ...],
+                    eval_fraction: float) -> SAEActivations:
+    """Step 2's activations of the primary dataset for training (collected afresh for hooks step 2 skipped),
+    and held-out activations: step 1's ``heldout`` sequences, else (none, or a finite task whose held-out sample
+    repeats the primary one) the last ``eval_fraction`` of the sequences."""
+    ds = ctx.data(1)
+    batch, heldout = ds["batch"], ds.get("heldout")
+    acts = ctx.data(2)["activations"]
+
+    def collect(b):
+        return collect_activations(ctx.model, b.tokens, layers, hooks, ctx.batch_size,
+                                   attention_mask=b.attention_mask,
+                                   progress=lambda it: ctx.progress(it, desc="collecting"))
+
+    if any((h, i) not in acts.acts for h in hooks for i in layers):
+        acts = collect(batch)
+    # a finite task's "held-out" sample is its fixed test split again, i.e. the same sequences: split those instead
+    if heldout is not None and not getattr(ds.get("task"), "finite", False):
+        return SAEActivations(acts, collect(heldout), heldout, "heldout")
+    b = acts.mask.shape[0]
+    n_eval = min(b - 1, max(1, round(eval_fraction * b)))
+    if b < 2:
+        raise ValueError("step 3 needs at least 2 sequences to hold some out; raise --samples")
+    return SAEActivations(_subset(acts, slice(0, b - n_eval)), _subset(acts, slice(b - n_eval, b)),
+                          batch.select(slice(b - n_eval, b)), "sequences")
+
+
+# ---- loss recovered ----------------------------------------------------------------------------
+@torch.no_grad()
+def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None) -> float:
+    """Mean cross-entropy over the batch's target positions (targets != -100), with optional hooks."""
+    from mamba_interp.tasks.base import IGNORE
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(batch), batch_size):
+        ids = batch.tokens[s:s + batch_size].to(device)
+        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size].to(device)
+        targets = batch.targets[s:s + batch_size].to(device)
+        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=fwd_hooks or [])
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                 ignore_index=IGNORE, reduction="sum").item()
+        count += int((targets != IGNORE).sum())
+    if count == 0:
+        raise ValueError("the held-out batch has no target positions to score the loss on")
+    return total / count
+
+
+def splice_hooks(sae: SparseAutoencoder, mean: Tensor) -> dict[str, Any]:
+    """Hook functions replacing an activation [b, l, ...] (Mamba-2: [b, l, h, p]) by the SAE reconstruction, by
+    zeros, or by ``mean`` [k] (k = the flattened width)."""
+
+    def spliced(t: Tensor, hook: Any) -> Tensor:
+        flat = t.reshape(*t.shape[:2], -1)  # (b, l, k)
+        return sae(flat.to(sae.device, torch.float32)).to(t.device, t.dtype).reshape(t.shape)
+
+    def zero(t: Tensor, hook: Any) -> Tensor:
+        return torch.zeros_like(t)
+
+    def mean_ablate(t: Tensor, hook: Any) -> Tensor:
+        return mean.to(t.device, t.dtype).reshape(t.shape[2:]).expand(t.shape).clone()
+
+    return {"spliced": spliced, "zero": zero, "mean": mean_ablate}
+
+
+# ---- training and the latent tables ---------------------------------------------------------------
+def train_folded(x: Tensor, cfg: SAEConfig) -> SparseAutoencoder:
+    """Train, then fold the activation scale into the weights: every measurement, and later steps, use exactly the
+    weights ``save_sae`` writes (so a resumed run that loads them reproduces the same numbers)."""
+    from mamba_interp.sparse_autoencoder import train_sae
+    from mamba_interp.sparse_autoencoder.io import folded_copy
+
+    trained = train_sae(x.to(cfg.device or "cpu"), cfg)
+    sae = folded_copy(trained)
+    sae.training_history = trained.training_history
+    return sae
+
+
+def correlate_latents(f: Tensor, variables: dict[str, Tensor], n_shuffles: int, seed: int) -> list[dict]:
+    """Best live latent per variable (dead latents are constant and left out), as JSON-able records."""
+    alive = (f != 0).any(0).nonzero().flatten()
+    if alive.numel() == 0:
+        return []
+    corr = feature_variable_correlation(f[:, alive], variables, n_shuffles=n_shuffles, seed=seed % 2**31)
+    out = []
+    for rec in corr.matches():
+        rec["latent"] = int(alive[rec["latent"]])
+        out.append(rec)
+    return out
+
+
+def best_by_variable(correlations: dict[str, list[dict]], base_of: dict[str, str]) -> dict[str, dict]:
+    """For each base variable (``token``, ``answer``, ...), the (SAE, latent, class) with the largest |r|."""
+    best: dict[str, dict] = {}
+    for key, records in correlations.items():
+        for rec in records:
+            var = base_of[rec["variable"]]
+            if var not in best or rec["abs_r"] > best[var]["abs_r"]:
+                best[var] = {"sae": key, "latent": rec["latent"], "variable": rec["variable"], "r": rec["r"],
+                             "abs_r": rec["abs_r"], "shuffled_best_abs_r": rec["shuffled_best_abs_r"],
+                             "n_tokens": rec["n_tokens"]}
+    return dict(sorted(best.items(), key=lambda kv: -kv[1]["abs_r"]))
+
+
+def token_text(ctx: StepContext, ids: list[int]) -> list[str]:
+    tok = ctx.source.tokenizer() if ctx.source.task is None else None
+    if tok is not None:
+        return [str(t) for t in tok.convert_ids_to_tokens(ids)]
+    return [str(i) for i in ids]
+
+
+def top_examples(ctx: StepContext, best: dict[str, dict], features: dict[str, Tensor], data: SAEActivations,
+                  k: int, before: int = 6, after: int = 1) -> list[dict]:
+    """Top-activating held-out tokens (with context) of the best latent of each variable."""
+    coords = data.eval.coords()  # (N_eval, 2): (sequence, position)
+    tokens = data.eval_batch.tokens
+    out, seen = [], set()
+    for var, b in best.items():
+        pair = (b["sae"], b["latent"])
+        if pair in seen:
+            continue
+        seen.add(pair)
+        top = top_activating_examples(features[b["sae"]], [b["latent"]], k=k)
+        examples = []
+        for idx, value in zip(top.indices[0].tolist(), top.values[0].tolist()):
+            if idx < 0:
+                continue
+            seq, pos = (int(c) for c in coords[idx])
+            lo, hi = max(0, pos - before), min(tokens.shape[1], pos + after + 1)
+            examples.append({"sequence": seq, "position": pos, "activation": value,
+                             "context": token_text(ctx, tokens[seq, lo:hi].tolist()), "focus": pos - lo})
+        out.append({"sae": b["sae"], "latent": b["latent"], "variable": b["variable"], "r": b["r"],
+                    "examples": examples})
+    return out
+
+
+def fmt_pct(x: float, decimals: int | None = None) -> str:
+    """A percentage; one decimal near 100% (where 99.4% and 100% differ), else none."""
+    if x != x:
+        return "n/a"
+    if decimals is None:
+        decimals = 1 if 0.99 <= x <= 1.01 else 0
+    return f"{100 * x:.{decimals}f}%"
+
+
+def fmt_range(values: list[float]) -> str:
+    decimals = 1 if any(0.99 <= v <= 1.01 for v in values) else 0
+    lo, hi = fmt_pct(min(values), decimals), fmt_pct(max(values), decimals)
+    return lo if lo == hi else f"{lo}–{hi}"
