@@ -138,4 +138,8 @@ def test_evidence_units_and_placement(default_pair):
     assert c.info["placement_effects"]["L0 y"]["final"] > 0.9
     cells = influence_units({0: {"answer": 3.0, "final": 1.0, "trigger": 0.1, "bogus": 9.0}}, list(pair.classes))
     assert [(u.layer, u.position_class) for u in cells] == [(0, "answer"), (0, "final")]
+    renamed = influence_units({1: {"source": 2.0, "query": 1.0, "recent": 0.3, "other": 0.3}}, list(pair.classes),
+                              share=0.99, rename={"source": "answer", "query": "final", "recent": "other"})
+    assert [(u.hook, u.position_class) for u in renamed] == [("resid_pre", "answer"), ("resid_pre", "final"),
+                                                             ("resid_pre", "other")]
     assert position_classes(pair.clean)["final"].sum() == len(pair)

@@ -12,8 +12,8 @@ then tested like any other (``evaluate``), with random controls of the same layo
   (:func:`state_probe_units`).
 * Hidden attention (step 7): the channels (heads) whose hidden attention from the answer position to the final
   position is largest (Ali et al. 2024, arXiv 2403.01590), at their readout ``y`` (:func:`attention_units`).
-* Temporal influence (step 8): the (layer, source position class) cells with most influence on the output, as
-  whole-site units of the SSM input ``x`` (:func:`influence_units`).
+* Temporal influence (step 8): the (layer, source position class) cells with most influence on the answer, as
+  whole-site units of the residual stream entering that layer (:func:`influence_units`).
 """
 
 from __future__ import annotations
@@ -94,17 +94,25 @@ def attention_units(top_channels: Mapping[Any, Sequence[int]], k: int) -> list[U
     return [Unit(int(layer), "y", ANY_CLASS, tuple(list(ch)[:k])) for layer, ch in top_channels.items() if len(ch)]
 
 
-def influence_units(influence: Mapping[Any, Mapping[str, float]], classes: Sequence[str], share: float = 0.9
-                    ) -> list[Unit]:
-    """``{layer: {source position class: influence}}`` -> whole-site units of ``x`` at the largest cells that
-    together hold ≥ ``share`` of the total influence (cells of unknown classes are ignored)."""
-    cells = sorted(((float(v), int(layer), c) for layer, row in influence.items() for c, v in row.items()
-                    if c in classes and float(v) > 0), reverse=True)
+def influence_units(influence: Mapping[Any, Mapping[str, float]], classes: Sequence[str], share: float = 0.9,
+                    hook: str = "resid_pre", rename: Mapping[str, str] | None = None) -> list[Unit]:
+    """``{layer: {source position class: influence}}`` -> whole-site units of ``hook`` at the largest cells that
+    together hold ≥ ``share`` of the total influence. ``rename`` maps the evidence's class names onto ``classes``
+    (cells of other classes are ignored; renamed cells of one class add up)."""
+    rename = dict(rename or {})
+    summed: dict[tuple[int, str], float] = {}
+    for layer, row in influence.items():
+        for c, v in row.items():
+            c = rename.get(c, c)
+            if c in classes and float(v) > 0:
+                key = (int(layer), c)
+                summed[key] = summed.get(key, 0.0) + float(v)
+    cells = sorted(((v, layer, c) for (layer, c), v in summed.items()), reverse=True)
     total = sum(v for v, _, _ in cells)
     out, acc = [], 0.0
     for v, layer, c in cells:
         if total and acc >= share * total:
             break
-        out.append(Unit(layer, "x", c))
+        out.append(Unit(layer, hook, c))
         acc += v
     return out

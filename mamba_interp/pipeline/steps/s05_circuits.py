@@ -47,6 +47,8 @@ from mamba_interp.pipeline.registry import StepSkipped, register_step
 from mamba_interp.pipeline.steps.s03_sae import _tuple_of
 
 EVIDENCE_STEPS = {3: "sae", 4: "probes", 7: "hidden_attention", 8: "temporal"}
+INFLUENCE_CLASSES = {"query": "final", "source": "answer", "trigger": "trigger", "recent": "other", "other": "other"}
+"""Step 8's source classes (of the final query) onto this step's position classes (induction's)."""
 LM_SETS = ("ioi", "factual_recall")
 
 
@@ -202,13 +204,14 @@ def _evidence_circuits(ctx: StepContext, pair: PatchPair, opts: Options, evidenc
         add("hidden_attention", attention_units(evidence[7].get("top_channels", {}), opts.attention_k),
             {"why": "step 7 reported no top channels"})
     if 8 in evidence:
-        influence = evidence[8].get("influence", {})
-        units = influence_units(influence, list(pair.classes)) if isinstance(influence, dict) else []
-        add("temporal", units, {"why": "step 8's influence has no entry for this task's position classes"})
+        influence = {0 if k == "embed" else int(k): v for k, v in evidence[8].get("influence", {}).items()}
+        units = influence_units(influence, list(pair.classes), rename=INFLUENCE_CLASSES)
+        add("temporal", units, {"why": "step 8's influence has no entry for this task's position classes",
+                                "influence": {str(k): v for k, v in influence.items()}})
     return out
 
 
-@register_step(5, "circuits", requires=(1, 3), title="Candidate circuits: attribution search and evidence circuits",
+@register_step(5, "circuits", requires=(1, 3, 7, 8), title="Candidate circuits: attribution search and evidence circuits",
                options=Options, load=load, version=1)
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
