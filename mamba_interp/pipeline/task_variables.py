@@ -21,7 +21,14 @@ Task-specific variables (from the metadata each task documents in ``mamba_interp
 * selective_copy: ``is_data`` (binary);
 * parity: ``running_parity`` (binary);
 * text_induction / repeated_tokens: ``second_copy`` (binary: positions whose token repeats one ``period`` earlier);
-* modular_addition: ``a`` and ``b`` (categorical, at every position from where they appear on).
+* modular_addition: ``a`` and ``b`` (categorical, at every position from where they appear on);
+* ioi: ``is_io`` / ``is_s`` (binary: the indirect object's name; the subject's two names), ``abba`` (binary, at the
+  last position: 1 for ABBA prompts, where the IO comes first, 0 for BABA);
+* factual_recall: ``is_subject`` (binary: the subject's tokens), ``subject_last`` (binary: its last token, where
+  recall is localised), ``relation`` (categorical, at the last position: the relation's index in ``FACTS``).
+
+:func:`variable_labels` gives the labels of one variable on the valid tokens, ready for a probe: categorical and
+0/1 variables are classification targets (class ids), the others regression targets.
 """
 
 from __future__ import annotations
@@ -102,6 +109,16 @@ def task_variables(batch, valid: Tensor | None = None) -> TaskVariables:
     elif task in ("text_induction", "repeated_tokens") and "period" in meta:
         start = int(meta.get("first_start", 0)) + int(meta["period"])
         out.numeric["second_copy"] = (positions >= start).double()
+    elif task == "ioi":
+        out.numeric["is_io"] = _positions(meta["io_pos"], b, l).double()
+        out.numeric["is_s"] = (_positions(meta["s1_pos"], b, l) | _positions(meta["s2_pos"], b, l)).double()
+        abba = torch.tensor([o == "ABBA" for o in meta["order"]], dtype=torch.float64)
+        out.numeric["abba"] = _at(abba, meta["end_pos"], b, l)
+    elif task == "factual_recall":
+        first, last = meta["subject_first_pos"].long()[:, None], meta["subject_last_pos"].long()[:, None]
+        out.numeric["is_subject"] = ((positions >= first) & (positions <= last)).double()
+        out.numeric["subject_last"] = (positions == last).double()
+        out.categorical["relation"] = _at(_relation_ids(meta["relation"]), meta["answer_pos"], b, l)
     elif task == "modular_addition":
         for name, pos in (("a", 0), ("b", 1)):
             v = meta[name].double()[:, None].expand(b, l).clone()
@@ -112,6 +129,14 @@ def task_variables(batch, valid: Tensor | None = None) -> TaskVariables:
         for name, v in group.items():
             group[name] = torch.where(valid, v, torch.full_like(v, NAN))
     return out
+
+
+def _relation_ids(relations: list[str]) -> Tensor:
+    """[b] the index of each prompt's relation among the relations of ``FACTS`` (in their order)."""
+    from mamba_interp.tasks.text import FACTS
+
+    order = list(dict.fromkeys(f[0] for f in FACTS))
+    return torch.tensor([order.index(r) for r in relations], dtype=torch.float64)
 
 
 def _top_classes(labels: Tensor, max_classes: int, min_count: int) -> list[int]:
@@ -154,3 +179,27 @@ def expand_variables(variables: TaskVariables, mask: Tensor, max_classes: int = 
             if _informative(ind, min_count):
                 out[key], base[key] = ind, name
     return out, base
+
+
+def is_binary(v: Tensor) -> bool:
+    """Every finite value is 0 or 1."""
+    x = v[torch.isfinite(v)]
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def variable_labels(variables: TaskVariables, name: str, mask: Tensor, max_classes: int = 16, min_count: int = 5
+                    ) -> tuple[Tensor, str]:
+    """Labels of variable ``name`` at the valid tokens of ``mask`` [b, l] -> ([N] float64, task).
+
+    ``task`` is "classification" for a categorical or 0/1 variable (labels are class ids; a categorical variable
+    keeps its ``max_classes`` most frequent classes with at least ``min_count`` tokens, the other tokens become NaN)
+    and "regression" otherwise. NaN marks the tokens where the variable is undefined or not probed."""
+    if name in variables.categorical:
+        flat = variables.categorical[name][mask]
+        classes = _top_classes(flat, max_classes, min_count)
+        keep = torch.isin(flat, torch.tensor(classes, dtype=flat.dtype)) if classes else torch.zeros_like(flat).bool()
+        return torch.where(keep, flat, torch.full_like(flat, NAN)), "classification"
+    if name in variables.numeric:
+        flat = variables.numeric[name][mask]
+        return flat, "classification" if is_binary(flat) else "regression"
+    raise KeyError(f"variable {name!r} is not defined for this batch; it has {', '.join(variables.names)}")

@@ -30,11 +30,17 @@ def read_result(out: Path, folder: str) -> dict:
 
 
 def load_step_data(model: Path | str, out: Path, number: int, **kw) -> dict:
-    """A finished step's in-memory data as rebuilt by its ``load`` (what a resumed run gives later steps)."""
-    from mamba_interp.pipeline import Runner
+    """A finished step's in-memory data as rebuilt by its ``load`` (what a resumed run gives later steps).
+
+    The runner is prepared with the configuration recorded in ``out``'s manifest (plus ``kw``): preparing with
+    another configuration would set the run's results aside as stale."""
+    from mamba_interp.pipeline import Runner, RunConfig
     from mamba_interp.pipeline.registry import get_step
 
-    runner = Runner(small_config(model, out, steps=str(number), resume=True, **kw))
+    recorded = json.loads((Path(out) / "manifest.json").read_text())["config"]
+    cfg = RunConfig.from_dict({**recorded, "model": str(model), "output": str(out), "steps": str(number),
+                               "resume": True, **kw})
+    runner = Runner(cfg)
     try:
         runner.prepare()
         step = get_step(number)

@@ -79,7 +79,7 @@ class Options:
 
 def _collect(model: Any, batch: Any, layer: int, pr_samples: int, seed: int) -> dict[str, Any]:
     """Gate values, per-position effective ranks and a state sample of one layer (states reduced in the hook)."""
-    h, p = model.cfg.nheads, model.cfg.headdim
+    h = model.cfg.nheads
     out: dict[str, Any] = {}
     b, l = batch.tokens.shape
     g = torch.Generator().manual_seed(int(seed))
