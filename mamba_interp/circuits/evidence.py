@@ -67,13 +67,14 @@ def sae_units(latents: Sequence[tuple[int, str, torch.Tensor]]) -> list[Unit]:
 
 
 def probe_units(best: Mapping[str, Mapping[str, Any]], max_dims: int | None = None) -> list[Unit]:
-    """The support of each variable's best probe: ``{variable: {"layer", "hook", "support": [flat dims]}}``."""
+    """The support of each variable's best probe: ``{variable: {"layer", "hook", "support": [flat dims]}}``.
+    Probes whose support exceeds ``max_dims`` (dense probes) localise nothing and are left out."""
     out = []
     for rec in best.values():
         support = list(rec.get("support") or [])
-        if not support:
+        if not support or (max_dims is not None and len(support) > max_dims):
             continue
-        out.append(Unit(int(rec["layer"]), str(rec["hook"]), ANY_CLASS, tuple(support[:max_dims]), flat=True))
+        out.append(Unit(int(rec["layer"]), str(rec["hook"]), ANY_CLASS, tuple(support), flat=True))
     return out
 
 

@@ -9,13 +9,15 @@ import json
 
 import pytest
 from pipeline_helpers import read_result, run_pipeline
-from test_step_sae import FAST_SAE, tiny_model_dir
+from test_step_probes import FAST_PROBES
+from test_step_sae import FAST_SAE, trained_model  # noqa: F401  (the session's tiny trained induction model)
 
 from mamba_interp.circuits import Circuit
 from mamba_interp.pipeline.config import UsageError
 from mamba_interp.pipeline.registry import get_step
 
-FAST = {"sae": FAST_SAE, "circuits": {"n_search": 32, "max_evals": 40},
+FAST = {"sae": FAST_SAE, "probes": FAST_PROBES, "temporal": {"long_range_samples": 4, "lengths": [2]},
+        "ssm_dynamics": {"knockout": False}, "circuits": {"n_search": 32, "max_evals": 40},
         "causality": {"n_random": 8, "null_examples": 16, "agreement_samples": 8, "curve_random": 1,
                       "n_permutations": 499}}
 SCHEMA = ("sufficiency", "sufficiency_ci", "necessity", "necessity_ci", "units", "p_value", "random_sufficiency_mean",
@@ -29,12 +31,7 @@ def circuits_run(model, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def run_out(trained_model, tmp_path_factory):
+def run_out(trained_model, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("circuits") / "run"
     _, summary = circuits_run(trained_model, out, figures=True)
     assert summary.exit_code == 0
@@ -49,8 +46,9 @@ def test_step5_finds_the_attribution_circuit_and_evidence_circuits(run_out):
     assert m["search_examples"] == 32 and m["classes"] == ["trigger", "answer", "final", "other"]
     atp = m["circuits"]["atp"]
     assert m["atp_reached_threshold"] and atp["search_sufficiency"] >= 0.9 and atp["units"] >= 1
-    assert {"sae", "hidden_attention", "temporal"} <= set(m["circuits"])  # steps 3, 7 and 8 ran first
-    assert "probes" in res["metrics"]["unavailable"]  # step 4 is not part of this installation (yet)
+    found = set(m["circuits"]) | set(res["metrics"]["unavailable"])  # steps 3, 4, 7 and 8 ran first
+    assert {"sae", "probes", "state_probes", "hidden_attention", "temporal"} <= found
+    assert {"sae", "hidden_attention", "temporal"} <= set(m["circuits"])
     saved = json.loads((run_out / "step_05_circuits" / "circuits.json").read_text())["circuits"]["induction"]
     assert [Circuit.from_dict(c).name for c in saved] == list(m["circuits"])
     assert "growth.png" in res["artifacts"] and "attribution circuit" in res["reading"]
@@ -83,7 +81,7 @@ def test_options_are_validated():
         get_step("circuits").make_options({"hooks": ["bogus"]})
     with pytest.raises(UsageError, match="null_kinds"):
         get_step("causality").make_options({"null_kinds": ["nope"]})
-    assert get_step("circuits").requires == (1, 3, 7, 8)
+    assert get_step("circuits").requires == (1, 3, 4, 7, 8)
 
 
 @pytest.mark.slow

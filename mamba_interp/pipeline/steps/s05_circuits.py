@@ -71,11 +71,13 @@ class Options:
     """SAE latents whose |correlation| with a task variable reaches this go into the ``sae`` circuit."""
     attention_k: int = 10
     state_probe_k: int = 10
+    probe_max_dims: int = 32
+    """Best probes with a larger support (dense probes) are left out of the ``probes`` circuit."""
     datasets: tuple[str, ...] | None = None
     """Step-1 datasets to analyse; None: the primary one, plus IOI and factual recall when present."""
 
     def __post_init__(self) -> None:
-        for name in ("n_search", "ig_steps", "max_evals", "attention_k", "state_probe_k"):
+        for name in ("n_search", "ig_steps", "max_evals", "attention_k", "state_probe_k", "probe_max_dims"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -197,7 +199,10 @@ def _evidence_circuits(ctx: StepContext, pair: PatchPair, opts: Options, evidenc
                 used.append({"variable": var, "sae": rec["sae"], "latent": rec["latent"], "abs_r": rec["abs_r"]})
         add("sae", sae_units(latents), {"latents": used, "why": f"no SAE latent reaches |r| >= {opts.sae_min_r}"})
     if 4 in evidence:
-        add("probes", probe_units(evidence[4].get("best", {})), {"why": "step 4 reported no probe support"})
+        best = {v: r for v, r in evidence[4].get("best", {}).items() if ":" not in v}  # the primary set's variables
+        add("probes", probe_units(best, opts.probe_max_dims),
+            {"variables": sorted(v for v, r in best.items() if len(r.get("support") or []) <= opts.probe_max_dims),
+             "why": f"step 4's best probes are all dense (support > {opts.probe_max_dims} dims)"})
         add("state_probes", state_probe_units(evidence[4].get("state_probes", {}), opts.state_probe_k),
             {"why": "step 4 reported no state probes"})
     if 7 in evidence:
@@ -211,7 +216,7 @@ def _evidence_circuits(ctx: StepContext, pair: PatchPair, opts: Options, evidenc
     return out
 
 
-@register_step(5, "circuits", requires=(1, 3, 7, 8), title="Candidate circuits: attribution search and evidence circuits",
+@register_step(5, "circuits", requires=(1, 3, 4, 7, 8), title="Candidate circuits: attribution search and evidence circuits",
                options=Options, load=load, version=1)
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
