@@ -403,3 +403,12 @@ def test_bad_inputs_raise_clear_errors(setup):
         attribution_patch(model, clean, corrupt, metric, hooks="y", method="magic")
     with pytest.raises(ValueError, match="same on the clean"):
         patch_sweep(model, clean, clean, metric, hooks="y", positions=[1])
+
+
+def test_top_level_module_reexports_the_package():
+    import activation_patching as top
+
+    import mamba_interp.activation_patching as pkg
+
+    assert top.patch_sweep is pkg.patch_sweep and top.attribution_patch is pkg.attribution_patch
+    assert set(pkg.__all__) <= set(dir(top))
