@@ -54,7 +54,7 @@ def resolve_hooks(model: Any, hooks: str | Sequence[str] | None = None, layers: 
         else:
             patterns.extend(get_act_name(short, int(i)) for i in layers)
     names = model.hook_names(patterns)
-    lazy_only = [n for n in names if n.endswith("hook_h0")]
+    lazy_only = [n for n in names if n.endswith(("hook_h0", "hook_conv_state"))]
     if lazy_only:
         raise ValueError(f"{lazy_only[0]} has no position axis and cannot be patched by position; leave it out")
     return names

@@ -2,9 +2,10 @@
 
 A :class:`HookPoint` is an identity module placed on every activation of interest; its name is its module
 path (``blocks.3.mixer.hook_dt``). A hook is ``fn(tensor, hook) -> tensor | None``; returning a tensor
-replaces the activation downstream. Hooks are attached only inside :meth:`HookedRootModule.hooks` (or
-``run_with_hooks`` / ``run_with_cache``, which use it) and are removed in ``finally``, so an exception in a
-hook or in the forward never leaves one behind.
+replaces the activation downstream; editing the input in place raises a :class:`HookError` on every hook
+point (TransformerLens' ``h[:, 10] = 0; return h`` must become ``h = h.clone(); ...``). Hooks are attached
+only inside :meth:`HookedRootModule.hooks` (or ``run_with_hooks`` / ``run_with_cache``, which use it) and are
+removed in ``finally``, so an exception in a hook or in the forward never leaves one behind.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _GLOB_CHARS = set("*?[")
 
 
 class HookError(RuntimeError):
-    """A hook misbehaved (wrong output shape/dtype) or named a hook point that does not exist."""
+    """A hook misbehaved (wrong output shape/dtype, edited its input in place) or named a missing hook point."""
 
 
 class HookPoint(nn.Module):
@@ -58,8 +59,18 @@ class HookPoint(nn.Module):
                 return
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fns:
+            return x
         for fn in list(self._fns):
-            out = fn(x, self)
+            before = None if getattr(fn, "reads_only", False) else _edit_marker(x)
+            try:
+                out = fn(x, self)
+            except RuntimeError as exc:  # autograd refuses some in-place edits itself (views of split outputs)
+                if "modified inplace" not in str(exc):
+                    raise
+                raise HookError(self._in_place_message(fn)) from exc
+            if before is not None and _edited(x, before):
+                raise HookError(self._in_place_message(fn))
             if out is None:
                 continue
             if not isinstance(out, torch.Tensor):
@@ -76,8 +87,34 @@ class HookPoint(nn.Module):
             x = out
         return x
 
+    def _in_place_message(self, fn: HookFn) -> str:
+        return (f"hook {_fn_name(fn)} on {self.name} edited its input in place; a hook must leave its input "
+                "unchanged and return a new tensor, e.g. `act = act.clone(); act[:, 10] = 0; return act`")
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}" + (", lazy" if self.lazy else "")
+
+
+def reads_only(fn: HookFn) -> HookFn:
+    """Mark a hook that never edits its input (the cache's), so the in-place check skips it."""
+    fn.reads_only = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _edit_marker(x: torch.Tensor) -> int | torch.Tensor:
+    """What :func:`_edited` compares against: the version counter, which every in-place op on ``x`` or a view of
+    it bumps; inference tensors have none, so a copy of their values."""
+    return x.clone() if x.is_inference() else x._version
+
+
+def _edited(x: torch.Tensor, before: int | torch.Tensor) -> bool:
+    """Whether a hook edited ``x`` in place. In-place edits are refused rather than honoured: the tensor may
+    also be held elsewhere (a cache entry of the previous hook point, an inference state, the value that
+    ``hook_ssm_state`` substitution compares against), which would then silently change too."""
+    if isinstance(before, int):
+        return x._version != before
+    same = (x == before) | (x.isnan() & before.isnan()) if x.is_floating_point() else x == before
+    return not bool(same.all())
 
 
 def _fn_name(fn: Any) -> str:
@@ -215,6 +252,7 @@ class HookedRootModule(nn.Module):
         store: dict[str, torch.Tensor] = {}
         live: dict[str, torch.Tensor] = {}
 
+        @reads_only  # may return a fresh leaf (to receive a gradient), never edits its input
         def save(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
             if incl_bwd and not x.requires_grad:  # e.g. hook_h0's zeros: make it a leaf so its gradient exists
                 x = x.detach().requires_grad_(True)
@@ -245,6 +283,7 @@ def _grad_hook_installer(fn: BwdHookFn, handles: list[Any], targets: list[torch.
     if not callable(fn):
         raise HookError(f"backward hook is {type(fn).__name__}, not a function")
 
+    @reads_only
     def install(x: torch.Tensor, hook: HookPoint) -> None:
         if x.requires_grad:
             handles.append(x.register_hook(lambda g: _checked_grad(fn, fn(g, hook), g, hook)))

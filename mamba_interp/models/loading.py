@@ -172,8 +172,8 @@ def config_from_json(raw: dict[str, Any], source: str = "config.json") -> MambaC
                   if k not in ("model_type", "architectures", "transformers_version")}
         try:
             hf_cfg = hf_cls(**fields)
-        except Exception as exc:  # transformers' strict validation
-            raise CheckpointError(f"{source}: invalid {model_type} config: {exc}") from exc
+        except Exception as exc:  # transformers' strict validation (the reason is on the message's next line)
+            raise CheckpointError(f"{source}: invalid {model_type} config: {one_line(exc)}") from exc
         return config_from_transformers(hf_cfg)
     if "d_model" in raw and "n_layer" in raw:
         return config_from_state_spaces(raw, source)
@@ -183,7 +183,43 @@ def config_from_json(raw: dict[str, Any], source: str = "config.json") -> MambaC
     )
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (validation errors often put the reason on the next one)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_config(config_path: Path) -> MambaConfig:
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        kind = "null" if raw is None else type(raw).__name__
+        raise CheckpointError(
+            f"{config_path} must hold a JSON object (the model's config fields), got {kind}; "
+            "is this the checkpoint's config.json?"
+        )
+    try:
+        return config_from_json(raw, str(config_path))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:  # a field of the right name but a wrong value
+        raise CheckpointError(f"{config_path}: {one_line(exc)}") from exc
+
+
 # ---- weights ---------------------------------------------------------------------------------------
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN / Inf in any weight, naming the tensor: a broken checkpoint would otherwise load silently
+    and fail far away (or give NaN logits)."""
+    for key, value in sd.items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise CheckpointError(
+                f"{source}: {key} holds {nan + inf} non-finite value(s) ({nan} NaN, {inf} Inf) of "
+                f"{value.numel()}; the checkpoint is broken (pass allow_nonfinite=True to load it anyway)"
+            )
+
+
 def convert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers / state-spaces keys -> HookedMamba keys."""
     out = {}
@@ -297,31 +333,48 @@ def resolve_folder(name_or_path: str | Path) -> Path:
         ) from exc
 
 
-def load_pretrained(cls, name_or_path, device=None, dtype=None, scan_impl="auto"):
+def load_pretrained(cls, name_or_path, device=None, dtype=None, scan_impl="auto", allow_nonfinite=False,
+                    tokenizer="auto"):
     folder = resolve_folder(name_or_path)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"no config.json in {folder}")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    cfg = config_from_json(raw, str(config_path)).replace(extra={"source": str(folder)})
+    cfg = _read_config(config_path).replace(extra={"source": str(folder)})
     sd, weights_name = _read_weights(folder)
+    source = str(folder / weights_name)
+    if not allow_nonfinite:
+        check_finite(sd, source)
     model = cls(cfg, scan_impl=scan_impl)
-    load_state_dict_into(model, convert_state_dict(sd), str(folder / weights_name))
+    load_state_dict_into(model, convert_state_dict(sd), source)
+    _attach_tokenizer(model, folder if isinstance(tokenizer, str) and tokenizer == "auto" else tokenizer)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
 
 
-def from_transformers(cls, hf_model, scan_impl="auto"):
+def from_transformers(cls, hf_model, scan_impl="auto", allow_nonfinite=False, tokenizer=None):
     cfg = config_from_transformers(hf_model.config)
+    sd = hf_model.state_dict()
+    if not allow_nonfinite:
+        check_finite(sd, type(hf_model).__name__)
     model = cls(cfg, scan_impl=scan_impl)
     param = next(hf_model.parameters())
     model.to(device=param.device, dtype=param.dtype)
-    load_state_dict_into(model, convert_state_dict(hf_model.state_dict()), type(hf_model).__name__)
+    load_state_dict_into(model, convert_state_dict(sd), type(hf_model).__name__)
+    _attach_tokenizer(model, tokenizer)
     return model.eval()
+
+
+def _attach_tokenizer(model, tokenizer) -> None:
+    """``tokenizer``: None (none), a folder (its tokenizer files, offline, when there are any) or an object."""
+    from mamba_interp.models.tokens import load_folder_tokenizer
+
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, Path)):
+        model.tokenizer, model.tokenizer_error = load_folder_tokenizer(Path(tokenizer))
+    else:
+        model.set_tokenizer(tokenizer)
 
 
 def transformers_config(cfg: MambaConfig):

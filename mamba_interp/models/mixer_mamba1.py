@@ -14,9 +14,8 @@ from mamba_interp.models.config import MambaConfig
 from mamba_interp.models.hooks import HookPoint
 from mamba_interp.models.init import init_layers, inverse_softplus_dt
 from mamba_interp.models.norms import RMSNorm
-from mamba_interp.models.ops import kernels
-from mamba_interp.models.ops.conv import causal_conv1d
 from mamba_interp.models.ops.dispatch import choose_scan
+from mamba_interp.models.state import LayerState, initial_ssm_state, mixer_conv
 from mamba_interp.models.state_hooks import states_with_substitution
 
 
@@ -36,6 +35,7 @@ class Mamba1Mixer(nn.Module):
         # hook points, in execution order
         self.hook_in_x = HookPoint()  # (b, l, e)
         self.hook_in_z = HookPoint()  # (b, l, e)
+        self.hook_conv_state = HookPoint(lazy=True)  # (b, k-1, e) conv inputs before the first token
         self.hook_conv = HookPoint()  # (b, l, e) conv output before SiLU
         self.hook_x = HookPoint()  # (b, l, e) SSM input u
         self.hook_dt_low = HookPoint()  # (b, l, r)
@@ -43,7 +43,7 @@ class Mamba1Mixer(nn.Module):
         self.hook_B = HookPoint()  # (b, l, n)
         self.hook_C = HookPoint()  # (b, l, n)
         self.hook_dA = HookPoint(lazy=True)  # (b, l, e, n) exp(ΔA)
-        self.hook_h0 = HookPoint(lazy=True)  # (b, e, n)
+        self.hook_h0 = HookPoint(lazy=True)  # (b, e, n) state before the first token
         self.hook_ssm_state = HookPoint(lazy=True)  # (b, l, e, n) state after token t
         self.hook_y = HookPoint()  # (b, l, e) C·h + D·u
         self.hook_gate = HookPoint()  # (b, l, e) silu(z)
@@ -65,15 +65,17 @@ class Mamba1Mixer(nn.Module):
     def _rms(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.bcdt_norm is None else self.bcdt_norm(t)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [b, l, d] (normalised residual), mask [b, l] or None -> [b, l, d]."""
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, state: LayerState | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, LayerState]:
+        """hidden [b, l, d] (normalised residual), mask [b, l] or None -> [b, l, d]; with the layer's inference
+        ``state``, -> ([b, l, d], the state after the last token)."""
         cfg, dtype = self.cfg, hidden.dtype
         if mask is not None:  # padding is zeroed before in_proj and after the conv, as in transformers
             hidden = hidden * mask[..., None].to(dtype)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, e) each
         x, z = self.hook_in_x(x), self.hook_in_z(z)
-        use_kernel_conv = self.scan_impl == "kernel" and kernels.causal_conv1d_fn is not None and x.is_cuda
-        conv = (kernels.causal_conv1d if use_kernel_conv else causal_conv1d)(x, self.conv1d.weight, self.conv1d.bias)
+        conv, window = mixer_conv(x, self.conv1d, self.hook_conv_state, state, self.scan_impl)
         u = F.silu(self.hook_conv(conv))  # (b, l, e)
         if mask is not None:
             u = u * mask[..., None].to(u.dtype)
@@ -82,26 +84,29 @@ class Mamba1Mixer(nn.Module):
         dt_low, B, C = self.hook_dt_low(self._rms(dt_low)), self._rms(B), self._rms(C)
         dt = self.hook_dt(F.softplus(self.dt_proj(dt_low)))  # (b, l, e)
         B, C = self.hook_B(B), self.hook_C(C)  # (b, l, n)
-        y = self.hook_y(self.ssm(u, dt, B, C).to(dtype))  # (b, l, e)
+        y, h_last = self.ssm(u, dt, B, C, state)
+        y = self.hook_y(y.to(dtype))  # (b, l, e)
         gate = self.hook_gate(F.silu(z))
         gated = self.hook_gated(y * gate)
-        return self.hook_out(self.out_proj(gated))
+        out = self.hook_out(self.out_proj(gated))
+        return out if state is None else (out, LayerState(window, h_last))
 
-    def ssm(self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """Selective scan with the lazily computed hooks; returns y = C·h + D·u in float32, (b, l, e)."""
+    def ssm(
+        self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: LayerState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selective scan with the lazily computed hooks, from the state's h (or zeros); returns
+        y = C·h + D·u [b, l, e] and the last state [b, e, n], both float32."""
         A = -torch.exp(self.A_log.float())  # (e, n)
         b, _, e = u.shape
         materialise = self.hook_dA.active or self.hook_ssm_state.active
         if materialise:  # hooks run in table order: dA, h0, ssm_state
             u32, dt32 = u.float(), dt.float()
             dA = self.hook_dA(torch.exp(torch.einsum("ble,en->blen", dt32, A)))  # (b, l, e, n)
-        h0 = None
-        if self.hook_h0.active:
-            h0 = self.hook_h0(torch.zeros(b, e, self.cfg.d_state, device=u.device, dtype=torch.float32))
+        h0 = initial_ssm_state(self.hook_h0, state, (b, e, self.cfg.d_state), u.device)
         if not materialise:
             self.last_scan, scan = choose_scan("mamba1", self.scan_impl, u.device, h0 is not None)
-            return scan(u, dt, A, B, C, self.D, h0)[0]
+            return scan(u, dt, A, B, C, self.D, h0)
         self.last_scan = "materialised"
         dBu = torch.einsum("ble,bln->blen", dt32 * u32, B.float())  # (b, l, e, n)
         states = states_with_substitution(dA, dBu, h0, self.hook_ssm_state)  # (b, l, e, n)
-        return torch.einsum("blen,bln->ble", states, C.float()) + u32 * self.D.float()
+        return torch.einsum("blen,bln->ble", states, C.float()) + u32 * self.D.float(), states[:, -1]

@@ -16,9 +16,8 @@ from mamba_interp.models.config import MambaConfig
 from mamba_interp.models.hooks import HookPoint
 from mamba_interp.models.init import init_layers, inverse_softplus_dt
 from mamba_interp.models.norms import GatedRMSNorm
-from mamba_interp.models.ops import kernels
-from mamba_interp.models.ops.conv import causal_conv1d
 from mamba_interp.models.ops.dispatch import choose_scan
+from mamba_interp.models.state import LayerState, initial_ssm_state, mixer_conv
 from mamba_interp.models.state_hooks import states_with_substitution
 
 
@@ -38,13 +37,14 @@ class Mamba2Mixer(nn.Module):
         # hook points, in execution order
         self.hook_in_x = HookPoint()  # (b, l, e + 2gn) the x, B, C part of in_proj
         self.hook_in_z = HookPoint()  # (b, l, e)
+        self.hook_conv_state = HookPoint(lazy=True)  # (b, k-1, e + 2gn) conv inputs before the first token
         self.hook_conv = HookPoint()  # (b, l, e + 2gn) before SiLU
         self.hook_x = HookPoint()  # (b, l, h, p)
         self.hook_dt = HookPoint()  # (b, l, h) Δ after bias, softplus and clamp
         self.hook_B = HookPoint()  # (b, l, g, n)
         self.hook_C = HookPoint()  # (b, l, g, n)
         self.hook_dA = HookPoint(lazy=True)  # (b, l, h) exp(ΔA)
-        self.hook_h0 = HookPoint(lazy=True)  # (b, h, p, n)
+        self.hook_h0 = HookPoint(lazy=True)  # (b, h, p, n) state before the first token
         self.hook_ssm_state = HookPoint(lazy=True)  # (b, l, h, p, n)
         self.hook_y = HookPoint()  # (b, l, h, p) C·h + D·x
         self.hook_gate = HookPoint()  # (b, l, e) silu(z)
@@ -64,8 +64,11 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
         self.norm.weight.fill_(1.0)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [b, l, d] (normalised residual), mask [b, l] or None -> [b, l, d]."""
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, state: LayerState | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, LayerState]:
+        """hidden [b, l, d] (normalised residual), mask [b, l] or None -> [b, l, d]; with the layer's inference
+        ``state``, -> ([b, l, d], the state after the last token)."""
         cfg, dtype = self.cfg, hidden.dtype
         b, l, _ = hidden.shape
         e, h, p, g, n = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
@@ -73,8 +76,7 @@ class Mamba2Mixer(nn.Module):
             hidden = hidden * mask[..., None].to(dtype)
         z, xBC, dt_raw = self.in_proj(hidden).split([e, cfg.conv_dim, h], dim=-1)
         xBC, z = self.hook_in_x(xBC), self.hook_in_z(z)
-        use_kernel_conv = self.scan_impl == "kernel" and kernels.causal_conv1d_fn is not None and xBC.is_cuda
-        conv = (kernels.causal_conv1d if use_kernel_conv else causal_conv1d)(xBC, self.conv1d.weight, self.conv1d.bias)
+        conv, window = mixer_conv(xBC, self.conv1d, self.hook_conv_state, state, self.scan_impl)
         xBC = F.silu(self.hook_conv(conv))  # (b, l, e + 2gn)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
@@ -83,13 +85,18 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt_raw + self.dt_bias).clamp(*cfg.dt_limit)  # (b, l, h)
         dt = self.hook_dt(dt)
         B, C = self.hook_B(B.reshape(b, l, g, n)), self.hook_C(C.reshape(b, l, g, n))
-        y = self.hook_y(self.ssm(x, dt, B, C).to(dtype))  # (b, l, h, p)
+        y, h_last = self.ssm(x, dt, B, C, state)
+        y = self.hook_y(y.to(dtype))  # (b, l, h, p)
         gate = self.hook_gate(F.silu(z))  # (b, l, e)
         gated = self.hook_gated(self.norm(y.reshape(b, l, e), gate))
-        return self.hook_out(self.out_proj(gated.to(dtype)))
+        out = self.hook_out(self.out_proj(gated.to(dtype)))
+        return out if state is None else (out, LayerState(window, h_last))
 
-    def ssm(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """SSD scan with the lazily computed hooks; returns y = C·H + D·x in float32, (b, l, h, p)."""
+    def ssm(
+        self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: LayerState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SSD scan with the lazily computed hooks, from the state's h (or zeros); returns y = C·H + D·x
+        [b, l, h, p] and the last state [b, h, p, n], both float32."""
         cfg = self.cfg
         A = -torch.exp(self.A_log.float())  # (h,)
         D = self.D.float().view(cfg.nheads, cfg.headdim) if cfg.D_has_hdim else self.D.float()
@@ -98,12 +105,10 @@ class Mamba2Mixer(nn.Module):
         if materialise:  # hooks run in table order: dA, h0, ssm_state
             x32, dt32 = x.float(), dt.float()
             dA = self.hook_dA(torch.exp(dt32 * A))  # (b, l, h)
-        h0 = None
-        if self.hook_h0.active:
-            h0 = self.hook_h0(torch.zeros(b, h, p, cfg.d_state, device=x.device, dtype=torch.float32))
+        h0 = initial_ssm_state(self.hook_h0, state, (b, h, p, cfg.d_state), x.device)
         if not materialise:
             self.last_scan, scan = choose_scan("mamba2", self.scan_impl, x.device, h0 is not None)
-            return scan(x, dt, A, B, C, D, h0)[0]
+            return scan(x, dt, A, B, C, D, h0)
         self.last_scan = "materialised"
         heads_per_group = h // cfg.ngroups
         Bh = B.float().repeat_interleave(heads_per_group, dim=2)  # (b, l, h, n)
@@ -111,4 +116,4 @@ class Mamba2Mixer(nn.Module):
         dBx = torch.einsum("blh,blhp,blhn->blhpn", dt32, x32, Bh)  # (b, l, h, p, n)
         states = states_with_substitution(dA[..., None, None], dBx, h0, self.hook_ssm_state)
         y = torch.einsum("blhpn,blhn->blhp", states, Ch)
-        return y + x32 * (D if D.dim() == 2 else D[:, None])
+        return y + x32 * (D if D.dim() == 2 else D[:, None]), states[:, -1]

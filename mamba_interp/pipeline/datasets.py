@@ -2,11 +2,14 @@
 
 A dataset is a ``mamba_interp.tasks.base.TaskBatch`` (tokens [b, l], targets [b, l] with -100 where unscored,
 ``eval_mask``, optional left-padding ``attention_mask``, ground-truth ``metadata``). :func:`build_datasets`
-returns them by name with the one later steps analyse by default (``primary``).
+returns them by name with the one later steps analyse by default (``primary``); :func:`evaluate` scores a model
+on one, and :func:`score_set` / :func:`chance_warning` say whether it is above chance.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mamba_interp.stats import Estimate, estimate
 from mamba_interp.tasks.base import IGNORE, TaskBatch
 from mamba_interp.tasks.text import repeated_block_batch
 
@@ -31,6 +35,7 @@ class Datasets:
     task: Any = None  # the Task object (kind == "task", or the text_induction task of an LM with a tokenizer)
     heldout: TaskBatch | None = None  # fresh sequences of the primary task (probe/SAE test splits)
     notes: list[str] = field(default_factory=list)  # prompt sets that could not be built, and why
+    tasks: dict[str, Any] = field(default_factory=dict)  # the Task object of each set (None: repeated tokens)
 
     @property
     def batch(self) -> TaskBatch:
@@ -64,7 +69,8 @@ def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) ->
             n = min(samples, len(task.sample(None, seed=seed, split="test")))
         batch = task.sample(n, seed=seed, seq_len=seq_len, split="test")
         heldout = task.sample(n, seed=seed + 1, seq_len=seq_len, split="test")
-        return Datasets("task", source.task, {source.task: batch}, task=task, heldout=heldout)
+        return Datasets("task", source.task, {source.task: batch}, task=task, heldout=heldout,
+                        tasks={source.task: task})
     length = seq_len or DEFAULT_LM_LEN
     tok = source.tokenizer()
     notes: list[str] = []
@@ -72,14 +78,18 @@ def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) ->
         batch = repeated_tokens(source.model.cfg.vocab_size, samples, length, seed)
         heldout = repeated_tokens(source.model.cfg.vocab_size, samples, length, seed + 1)
         notes.append(f"text prompt sets skipped: {source.tokenizer_error}")
-        return Datasets("lm", "repeated_tokens", {"repeated_tokens": batch}, heldout=heldout, notes=notes)
+        return Datasets("lm", "repeated_tokens", {"repeated_tokens": batch}, heldout=heldout, notes=notes,
+                        tasks={"repeated_tokens": None})
     task = get_task("text_induction", tokenizer=tok, half_len=max(2, length // 2))
     sets = {"text_induction": task.sample(samples, seed=seed)}
+    tasks = {"text_induction": task}
     heldout = task.sample(samples, seed=seed + 1)
     for name in TEXT_SETS:
         try:
-            sets[name] = get_task(name, tokenizer=tok).sample(samples, seed=seed)
+            tasks[name] = get_task(name, tokenizer=tok)
+            sets[name] = tasks[name].sample(samples, seed=seed)
         except (ValueError, KeyError) as exc:
+            tasks.pop(name, None)
             notes.append(f"{name} skipped: {str(exc).splitlines()[0]}")
     vocab = source.model.cfg.vocab_size
     for name in list(sets):
@@ -88,23 +98,34 @@ def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) ->
             del sets[name]
     if "text_induction" not in sets:
         raise ValueError(f"the tokenizer's ids exceed the model's vocabulary ({vocab}); use the model's own tokenizer")
-    return Datasets("lm", "text_induction", sets, task=task, heldout=heldout, notes=notes)
+    return Datasets("lm", "text_induction", sets, task=task, heldout=heldout, notes=notes,
+                    tasks={k: v for k, v in tasks.items() if k in sets})
+
+
+Scorer = Callable[[torch.Tensor, TaskBatch], torch.Tensor]
+"""``(logits [b, l, v], batch of those b examples) -> [b]``, e.g. ``IOITask.logit_diff``."""
 
 
 @torch.no_grad()
-def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None) -> dict[str, Any]:
-    """Accuracy over ``eval_mask``, mean cross-entropy over scored targets, and per example the mean
-    probability of the correct token, whether every scored position is right, the mean cross-entropy over its
-    targets (``example_loss``, NaN without one) and the fraction of its scored positions that are right
-    (``example_accuracy``, NaN without one). Runs under any hooks attached with ``model.hooks(...)``."""
+def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None,
+             scorers: dict[str, Scorer] | None = None) -> dict[str, Any]:
+    """Accuracy over ``eval_mask``, mean cross-entropy over scored targets, and per example [b]: the mean
+    probability (``p_correct``) and log-probability (``logprob``) of the correct token over the scored positions,
+    whether every scored position is right (``example_correct``), the mean cross-entropy over its targets
+    (``example_loss``, NaN without one), the fraction of its scored positions that are right
+    (``example_accuracy``, NaN without one), the argmax at the last scored position (``prediction``), and each of
+    ``scorers`` (under ``scores``). Runs under any hooks attached with ``model.hooks(...)``."""
     device = next(model.parameters()).device
     b = len(batch)
     correct_pos = total_pos = 0
     loss_sum, loss_n = 0.0, 0
     p_correct = torch.zeros(b, dtype=torch.float64)
+    logprob = torch.zeros(b, dtype=torch.float64)
+    prediction = torch.zeros(b, dtype=torch.long)
     all_right = torch.zeros(b, dtype=torch.bool)
     example_loss = torch.full((b,), float("nan"), dtype=torch.float64)
     example_acc = torch.full((b,), float("nan"), dtype=torch.float64)
+    scores = {name: torch.zeros(b, dtype=torch.float64) for name in scorers or {}}
     starts = range(0, b, batch_size)
     for s in (progress(starts) if progress is not None else starts):
         sl = slice(s, s + batch_size)
@@ -119,24 +140,99 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         lp = logp.gather(-1, tgt[..., None])[..., 0]  # (b, l)
         loss_sum += float(-(lp * scored).sum())
         loss_n += int(scored.sum())
-        hit = (logits.argmax(-1) == targets) & emask
+        pred = logits.argmax(-1)  # (b, l)
+        hit = (pred == targets) & emask
         correct_pos += int(hit.sum())
         total_pos += int(emask.sum())
-        p = (lp.exp() * emask).sum(-1) / emask.sum(-1).clamp(min=1)
-        p_correct[sl] = p.double().cpu()
+        n_scored = emask.sum(-1).clamp(min=1)
+        p_correct[sl] = ((lp.exp() * emask).sum(-1) / n_scored).double().cpu()
+        logprob[sl] = ((lp * emask).sum(-1) / n_scored).double().cpu()
+        last = (emask.long() * torch.arange(emask.shape[1], device=device)).argmax(-1)  # last scored position
+        prediction[sl] = pred.gather(1, last[:, None])[:, 0].cpu()
         all_right[sl] = (hit | ~emask).all(-1).cpu()
         n_t, n_e = scored.sum(-1), emask.sum(-1)
         example_loss[sl] = torch.where(n_t > 0, -(lp * scored).sum(-1) / n_t.clamp(min=1), torch.nan).double().cpu()
         example_acc[sl] = torch.where(n_e > 0, hit.sum(-1) / n_e.clamp(min=1), torch.nan).double().cpu()
+        for name, fn in (scorers or {}).items():
+            scores[name][sl] = fn(logits, batch.select(sl)).double().cpu()
     return {
         "accuracy": correct_pos / max(total_pos, 1),
         "loss": loss_sum / max(loss_n, 1),
         "scored_positions": total_pos,
         "p_correct": p_correct,
+        "logprob": logprob,
+        "example_accuracy": example_acc,
+        "prediction": prediction,
         "example_correct": all_right,
         "example_loss": example_loss,
-        "example_accuracy": example_acc,
+        "scores": scores,
     }
+
+
+# ---- scores against chance --------------------------------------------------------------------------
+LOG2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class SetScore:
+    """The headline score of one dataset, its bootstrap CI over examples, and its chance level.
+
+    * ``accuracy`` (synthetic tasks, induction sets): per-example fraction of scored positions right; chance is the
+      task's (a uniform guess), or 1/V for repeated tokens over the model's V tokens.
+    * ``logit_diff`` (IOI; Wang et al. 2022 §3): logit(IO) − logit(S) at the last position; chance 0.
+    * ``answer_logprob`` (factual recall; Meng et al. 2022): log p(answer); chance log(1/V), a uniform output.
+
+    ``above_chance``: the CI's lower end exceeds chance and the value is at least "twice chance" in log-odds
+    (log-odds of the accuracy + log 2; IO at least twice as likely as S; the answer twice as likely as uniform),
+    so a random model's small systematic biases do not count as ability.
+    """
+
+    name: str
+    label: str
+    estimate: Estimate
+    chance: float
+    above_chance: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.name, "label": self.label, **self.estimate.to_dict(), "chance": self.chance,
+                "above_chance": self.above_chance}
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.estimate} (chance {self.chance:.3g})"
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+def score_set(name: str, task: Any, ev: dict[str, Any], vocab_size: int, seed: int = 0) -> SetScore:
+    """The :class:`SetScore` of one evaluated set (``ev`` from :func:`evaluate`, with ``scores["logit_diff"]``
+    for tasks that define ``logit_diff``)."""
+    if "logit_diff" in ev["scores"]:
+        kind, label, values, chance = "logit_diff", "logit difference IO − S", ev["scores"]["logit_diff"], 0.0
+    elif name == "factual_recall":
+        kind, label, values, chance = "answer_logprob", "log p(answer)", ev["logprob"], -math.log(vocab_size)
+    else:
+        task_chance = getattr(task, "chance", None) if task is not None else None
+        kind, label, values = "accuracy", "accuracy", ev["example_accuracy"]
+        chance = float(task_chance) if task_chance is not None else 1.0 / vocab_size
+    est = estimate(values, seed=seed)
+    if kind == "accuracy":
+        strong = est.value >= 1.0 or _logit(est.value) >= _logit(chance) + LOG2
+    else:
+        strong = est.value >= chance + LOG2
+    return SetScore(kind, label, est, chance, bool(est.ci_low > chance and strong))
+
+
+def chance_warning(scores: dict[str, SetScore]) -> str | None:
+    """A warning when no dataset is above chance (e.g. a random init), else None."""
+    if not scores or any(sc.above_chance for sc in scores.values()):
+        return None
+    parts = "; ".join(f"{name}: {sc}" for name, sc in scores.items())
+    which = "its dataset" if len(scores) == 1 else f"every one of its {len(scores)} datasets"
+    return (f"The model is at chance on {which} ({parts}). It behaves like an untrained model, so what later "
+            "steps find describes its random weights, not a learned mechanism.")
 
 
 def batch_tensors(batch: TaskBatch) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

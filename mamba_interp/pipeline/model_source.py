@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from mamba_interp.models import CheckpointError, HookedMamba
+from mamba_interp.models.loading import one_line
+from mamba_interp.models.tokens import TOKENIZER_FILES
 from mamba_interp.pipeline.config import DEFAULT_MODEL, UsageError
 
 FALLBACK_DEFAULT = "induction-mamba1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 TOKENIZER_KEY_FILES = ("special_tokens_map.json", "added_tokens.json", "merges.txt", "spiece.model")
 """Tokenizer files besides ``TOKENIZER_FILES`` that change how text is tokenised (hashed into resume keys)."""
 CARD_FILES = ("card.json", "training_log.json", "task.json")
@@ -76,28 +77,14 @@ class ModelSource:
         return self.task is not None
 
     def tokenizer(self) -> Any | None:
-        """The model's tokenizer from its folder, offline; None (with :attr:`tokenizer_error`) if there is none."""
-        if self._tokenizer is not None or self._tokenizer_error is not None:
-            return self._tokenizer
-        if self.path is None:
-            self._tokenizer_error = f"{self.kind} model {self.name!r} has no tokenizer"
-            return None
-        # transformers builds an empty tokenizer from config.json alone; only real tokenizer files count
-        if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
-            self._tokenizer_error = f"{self.path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)"
-            return None
-        try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
-        except Exception as exc:  # any loader failure means "no tokenizer here"
-            self._tokenizer_error = f"no tokenizer could be loaded offline from {self.path} ({type(exc).__name__})"
-            return None
-        if len(tok) < 3:
-            self._tokenizer_error = f"the tokenizer in {self.path} is empty"
-            return None
-        self._tokenizer = tok
-        return tok
+        """The model's tokenizer (``model.tokenizer``, attached by ``from_pretrained`` from its folder, offline);
+        None (with :attr:`tokenizer_error`) if there is none."""
+        if self._tokenizer is None and self._tokenizer_error is None:
+            self._tokenizer = self.model.tokenizer
+            if self._tokenizer is None:
+                self._tokenizer_error = (self.model.tokenizer_error
+                                         or f"{self.kind} model {self.name!r} has no tokenizer")
+        return self._tokenizer
 
     @property
     def tokenizer_error(self) -> str | None:
@@ -158,7 +145,7 @@ def load_model_source(spec: str, task: str | None = None, dtype: torch.dtype | N
             model = zoo.load(spec)
             info = dict(zoo.info(spec))
         except Exception as exc:
-            raise UsageError(f"zoo model {spec!r} failed to load: {str(exc).splitlines()[0]}") from None
+            raise UsageError(f"zoo model {spec!r} failed to load: {one_line(exc)}") from None
         if not isinstance(model, HookedMamba):
             raise UsageError(
                 f"zoo model {spec!r} is a {type(model).__name__}, not a Mamba model; the pipeline analyses Mamba "
@@ -181,7 +168,7 @@ def load_model_source(spec: str, task: str | None = None, dtype: torch.dtype | N
         try:
             model = HookedMamba.from_pretrained(path if path.exists() else spec)
         except (CheckpointError, OSError, ValueError) as exc:
-            raise UsageError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+            raise UsageError(f"cannot load model {spec!r}: {one_line(exc)}") from None
         folder = path if path.exists() else Path(str(model.cfg.extra.get("source", ""))) or None
         card = _read_card(folder) if folder is not None and folder.is_dir() else {}
         name = path.resolve().name if path.exists() else spec
@@ -235,7 +222,7 @@ def _check_task(src: ModelSource) -> None:
     try:
         task = get_task(src.task, **src.task_params)
     except ValueError as exc:
-        raise UsageError(f"task {src.task!r} for model {src.spec!r}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"task {src.task!r} for model {src.spec!r}: {one_line(exc)}") from None
     if task.vocab_size > src.model.cfg.vocab_size:
         raise UsageError(
             f"task {src.task!r} uses {task.vocab_size} tokens but model {src.spec!r} has only "

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mamba_interp.models.tokens import encode as _encode
+from mamba_interp.models.tokens import pad_id as _pad_id
 from mamba_interp.tasks.base import IGNORE, Task, TaskBatch, check_positive_int, register_task, to_long
 
 
@@ -54,16 +56,6 @@ def tokenizer_name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 _SLOT = re.compile(r"\{(\w*)\}")

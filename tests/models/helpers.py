@@ -60,3 +60,17 @@ def hf_and_ours(arch: str, seed: int, **overrides):
     hf = HF_CLASSES[arch](hf_cfg).eval()
     perturb(hf, seed)
     return hf, HookedMamba.from_transformers(hf)
+
+
+def byte_bpe_tokenizer(corpus: list[str], vocab_size: int = 400):
+    """A GPT-2-style byte-level BPE (the leading space belongs to the word) trained here, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

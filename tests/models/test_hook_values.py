@@ -36,6 +36,7 @@ def reference_hooks(model: HookedMamba, ids: torch.Tensor) -> dict[str, torch.Te
             z, xin = proj[..., :e], proj[..., e:e + cfg.conv_dim]
             dt_raw = proj[..., e + cfg.conv_dim:]
         out[m + "hook_in_x"], out[m + "hook_in_z"] = xin, z
+        out[m + "hook_conv_state"] = torch.zeros(b, k - 1, xin.shape[-1], dtype=torch.float64)  # no state given
         W = P[m + "conv1d.weight"][:, 0]  # (c, k)
         conv = torch.zeros_like(xin)
         for t in range(L):

@@ -14,13 +14,15 @@ def _shapes(cfg):
     b, l, d, e, n = B, L, cfg.d_model, cfg.d_inner, cfg.d_state
     if cfg.arch == "mamba1":
         r = cfg.dt_rank_value
-        mixer = dict(in_x=(b, l, e), in_z=(b, l, e), conv=(b, l, e), x=(b, l, e), dt_low=(b, l, r), dt=(b, l, e),
+        mixer = dict(in_x=(b, l, e), in_z=(b, l, e), conv_state=(b, cfg.d_conv - 1, e), conv=(b, l, e), x=(b, l, e),
+                     dt_low=(b, l, r), dt=(b, l, e),
                      B=(b, l, n), C=(b, l, n), dA=(b, l, e, n), h0=(b, e, n), ssm_state=(b, l, e, n), y=(b, l, e),
                      gate=(b, l, e), gated=(b, l, e), out=(b, l, d))
     else:
         h, p, g = cfg.nheads, cfg.headdim, cfg.ngroups
         xbc = e + 2 * g * n
-        mixer = dict(in_x=(b, l, xbc), in_z=(b, l, e), conv=(b, l, xbc), x=(b, l, h, p), dt=(b, l, h),
+        mixer = dict(in_x=(b, l, xbc), in_z=(b, l, e), conv_state=(b, cfg.d_conv - 1, xbc), conv=(b, l, xbc),
+                     x=(b, l, h, p), dt=(b, l, h),
                      B=(b, l, g, n), C=(b, l, g, n), dA=(b, l, h), h0=(b, h, p, n), ssm_state=(b, l, h, p, n),
                      y=(b, l, h, p), gate=(b, l, e), gated=(b, l, e), out=(b, l, d))
     shapes = {"hook_embed": (b, l, d), "hook_norm_final": (b, l, d)}

@@ -186,3 +186,75 @@ def test_error_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face hub"):
         HookedMamba.from_pretrained("state-spaces/mamba-130m-hf")
+
+
+# ---- bad checkpoints are bad input (one line; CheckpointError from the API, exit 2 from the CLI) -------------
+@pytest.mark.parametrize("content", ["null", "3", "[1, 2]", '"mamba"'], ids=["null", "number", "list", "string"])
+def test_error_config_json_not_an_object(tmp_path, content):
+    _saved(tmp_path)
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=r"config.json must hold a JSON object .*, got (null|int|list|str)"):
+        HookedMamba.from_pretrained(tmp_path)
+
+
+def _poison(folder, key, value):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    sd[key].view(-1)[1] = value
+    save_file(sd, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_error_nonfinite_weights_name_the_tensor(tmp_path, value):
+    _saved(tmp_path)
+    _poison(tmp_path, "backbone.layers.0.mixer.D", value)
+    with pytest.raises(CheckpointError, match=r"backbone.layers.0.mixer.D holds 1 non-finite value.*"
+                                              r"allow_nonfinite=True") as err:
+        HookedMamba.from_pretrained(tmp_path)
+    assert "\n" not in str(err.value)
+    broken = HookedMamba.from_pretrained(tmp_path, allow_nonfinite=True)  # to study a broken model on purpose
+    assert not torch.isfinite(broken.blocks[0].mixer.D).all()
+
+
+def test_error_nonfinite_weights_from_transformers():
+    hf, _ = hf_and_ours("mamba", seed=1)
+    with torch.no_grad():
+        hf.backbone.layers[0].mixer.A_log[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"MambaForCausalLM: backbone.layers.0.mixer.A_log holds 1 non-finite"):
+        HookedMamba.from_transformers(hf)
+    assert HookedMamba.from_transformers(hf, allow_nonfinite=True).blocks[0].mixer.A_log.isnan().any()
+
+
+def test_error_config_validation_keeps_the_reason(tmp_path):
+    """transformers puts the reason of a validation error on its second line; it must survive into one line."""
+    from mamba_interp.pipeline.config import UsageError
+    from mamba_interp.pipeline.model_source import load_model_source
+
+    raw = _saved(tmp_path)
+    raw.pop("mamba_interp_config")
+    raw["hidden_size"] = "abc"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"hidden_size.*expected int, got str") as err:
+        HookedMamba.from_pretrained(tmp_path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match=r"hidden_size.*expected int, got str"):
+        load_model_source(str(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["null-config", "nan-weights"])
+def test_cli_exits_2_with_one_line_for_a_bad_checkpoint(tmp_path, capsys, case):
+    from mamba_interp.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _saved(folder)
+    if case == "null-config":
+        (folder / "config.json").write_text("null")
+    else:
+        _poison(folder, "backbone.embeddings.weight", float("nan"))
+    code = main(["run", "--model", str(folder), "--output", str(tmp_path / "out"), "--steps", "0", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert ("JSON object" if case == "null-config" else "backbone.embeddings.weight holds") in err
+    assert not (tmp_path / "out").exists()

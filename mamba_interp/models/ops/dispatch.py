@@ -47,7 +47,7 @@ def choose_scan(arch: str, requested: str, device: torch.device, has_h0: bool) -
         why = (
             "the device is not CUDA" if not on_cuda
             else "mamba_ssm is not installed (pip install -r requirements-cuda.txt)" if not kernels.available(arch)
-            else "hook_h0 sets an initial state the Mamba-1 kernel cannot take"
+            else "an initial state (hook_h0, or an inference state) is one the Mamba-1 kernel cannot take"
         )
         raise RuntimeError(f"scan_impl='kernel' cannot run: {why}; use scan_impl='auto'")
     if requested == "auto":
@@ -58,7 +58,8 @@ def choose_scan(arch: str, requested: str, device: torch.device, has_h0: bool) -
         else:
             name = "chunked"
         if on_cuda and not kernel_ok:
-            reason = "mamba_ssm not installed" if not kernels.available(arch) else "hook_h0 needs the torch scan"
+            reason = ("mamba_ssm not installed" if not kernels.available(arch)
+                      else "an initial state (hook_h0 / inference state) needs the torch scan")
             _log_once(f"mamba_interp: {arch} scan on {device.type} uses '{name}' (kernels unused: {reason})")
         else:
             _log_once(f"mamba_interp: {arch} scan on {device.type} uses '{name}'")
