@@ -166,9 +166,11 @@ def test_state_patch_semantics_equal_step_loops(setup, mode):
     """propagate = a loop that overwrites h_t; readout = y_t from the patched h_t, the recurrence unpatched."""
     model, clean, corrupt, metric, classes = setup
     layer, name = 1, "blocks.1.mixer.hook_ssm_state"
+    # not hook_conv_state: asking for it runs the conv from an explicit zero window (equal only to ~1e-8)
+    layer_hooks = [f"blocks.1.mixer.hook_{h}" for h in ("x", "dt", "B", "C", "ssm_state", "y")]
     with torch.no_grad():
-        _, cc = model.run_with_cache(clean, names_filter=lambda n: "blocks.1.mixer" in n)
-        _, ck = model.run_with_cache(corrupt, names_filter=lambda n: "blocks.1.mixer" in n)
+        _, cc = model.run_with_cache(clean, names_filter=layer_hooks)
+        _, ck = model.run_with_cache(corrupt, names_filter=layer_hooks)
     pos = classes["after"]
     mask = torch.zeros(B, L, dtype=torch.bool).scatter_(1, pos[:, None], True)
     chans = [0, 2]

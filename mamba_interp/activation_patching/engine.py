@@ -106,7 +106,7 @@ def hook_shapes(model: Any) -> dict[str, tuple]:
         device = next(model.parameters()).device
         with torch.no_grad():
             _, cache = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=device),
-                                            names_filter=lambda n: not n.endswith("hook_h0"))
+                                            names_filter=lambda n: not n.endswith(("hook_h0", "hook_conv_state")))
         memo = {n: tuple(v.shape[2:]) for n, v in cache.items()}
         object.__setattr__(model, "_patching_shapes", memo)
     return memo

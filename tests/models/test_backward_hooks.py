@@ -43,7 +43,8 @@ def _autograd_grads(model, names):
 
 
 def test_incl_bwd_caches_the_gradient_of_every_activation(model):
-    names = [n for n in model.hook_dict if not n.endswith(("hook_h0", "hook_dA", "hook_ssm_state"))]
+    # the initial states (zeros, no grad: see the last test) and the lazy per-token internals are left out
+    names = [n for n in model.hook_dict if not n.endswith(("hook_h0", "hook_conv_state", "hook_dA", "hook_ssm_state"))]
     ref = _autograd_grads(model, names)
     logits, cache = model.run_with_cache(ids(), names_filter=names, incl_bwd=True, backward_fn=loss_fn)
     assert not logits.requires_grad or logits.grad_fn is not None
@@ -104,9 +105,10 @@ def test_backward_errors_are_clear(model):
     assert all(not hp._fns for hp in model.hook_dict.values())
 
 
-def test_incl_bwd_works_under_no_grad_and_for_h0(model):
+def test_incl_bwd_works_under_no_grad_and_for_initial_states(model):
+    names = ["blocks.0.mixer.hook_h0", "blocks.0.mixer.hook_conv_state", "hook_embed"]
     with torch.no_grad():
-        _, cache = model.run_with_cache(ids(), names_filter=["blocks.0.mixer.hook_h0", "hook_embed"], incl_bwd=True,
-                                        backward_fn=loss_fn)
+        _, cache = model.run_with_cache(ids(), names_filter=names, incl_bwd=True, backward_fn=loss_fn)
     assert cache["blocks.0.mixer.hook_h0_grad"].abs().sum() > 0
+    assert cache["blocks.0.mixer.hook_conv_state_grad"].abs().sum() > 0
     assert cache["hook_embed_grad"].shape == (2, 7, 16)
