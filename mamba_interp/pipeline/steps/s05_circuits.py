@@ -217,7 +217,7 @@ def _evidence_circuits(ctx: StepContext, pair: PatchPair, opts: Options, evidenc
 
 
 @register_step(5, "circuits", requires=(1, 3, 4, 7, 8), title="Candidate circuits: attribution search and evidence circuits",
-               options=Options, load=load, version=1)
+               options=Options, load=load, version=1, reads=("batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     if ctx.model.cfg.n_layer == 0:

@@ -84,7 +84,7 @@ def _curve_sizes(n_ranked: int, n_circuit: int) -> list[int]:
 
 
 @register_step(6, "causality", requires=(1, 5), title="Necessity and sufficiency of the circuits, with controls",
-               options=Options, version=1)
+               options=Options, version=1, reads=("samples", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     circuits = ctx.data(5)["circuits"]
