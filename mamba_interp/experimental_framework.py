@@ -1,19 +1,32 @@
 """The Python face of the pipeline: ``MambaMechanisticAnalyzer`` runs the same steps as the CLI, one at a time.
 
+In the methodology's words (a checkout also has the top-level ``experimental_framework.py``, so
+``from experimental_framework import ...`` works from the repository root)::
+
     from mamba_interp.experimental_framework import ExperimentConfig, MambaMechanisticAnalyzer
 
-    analyzer = MambaMechanisticAnalyzer(ExperimentConfig(model="induction-mamba1", output="results/nb"))
+    config = ExperimentConfig(model_name="induction-mamba1", output="results/nb")   # a zoo name, folder or hub id
+    analyzer = MambaMechanisticAnalyzer(config)
     analyzer.setup()                          # load the model, choose the device, step 0 (instrumentation check)
+    acts = analyzer.collect_activations(texts)            # language models; zoo models: collect_activations()
+    features = analyzer.discover_interpretable_features() # step 3: SAEs and their latents vs task variables
+    circuits = analyzer.select_candidate_circuits()       # step 5
+    results = analyzer.test_circuit_causality()           # step 6
+    analyzer.report()                         # write report.html
+
+and step by step::
+
     tasks = analyzer.tasks()                  # step 1 -> StepResult; analyzer.data(1)["batch"] is the TaskBatch
-    acts = analyzer.activations()             # step 2 -> StepResult with baseline statistics
+    analyzer.activations()                    # step 2 -> StepResult with baseline statistics
     analyzer.data(2)["activations"].tokens("x", 1)          # [N, e] activations of layer 1's SSM input
     custom = analyzer.collect_activations(texts=["The cat sat on the mat."], layers=[0], hooks=["resid_post"])
     analyzer.run_step("sae")                  # any registered step, by number or name (requirements first)
-    analyzer.report()                         # write report.html
 
-``ExperimentConfig`` is :class:`mamba_interp.pipeline.RunConfig` (same fields, same validation). Every step the
-registry knows is also a method named after it (``analyzer.sae()``, ``analyzer.probes()``, ...), so methods
-appear as steps are added. The CLI (``mamba-interp run``) drives the same :class:`~mamba_interp.pipeline.Runner`.
+``ExperimentConfig`` is :class:`mamba_interp.pipeline.RunConfig` (same fields, same validation) that also takes
+``model_name=`` for ``model``. Every step the registry knows is also a method named after it (``analyzer.sae()``,
+``analyzer.probes()``, ...), so methods appear as steps are added; the methodology's names call their steps by
+name and say which step is missing when a checkout does not have it. The CLI (``mamba-interp run``) drives the
+same :class:`~mamba_interp.pipeline.Runner`.
 """
 
 from __future__ import annotations
@@ -27,13 +40,26 @@ import torch
 from mamba_interp.pipeline.activation_stats import ActivationSet, collect_activations
 from mamba_interp.pipeline.config import RunConfig, UsageError
 from mamba_interp.pipeline.context import StepResult
-from mamba_interp.pipeline.registry import all_steps, get_step
+from mamba_interp.pipeline.registry import all_steps, get_step, implemented_summary
 from mamba_interp.pipeline.runner import Runner, RunSummary
 
-ExperimentConfig = RunConfig
-"""The analyzer's configuration: the pipeline's :class:`RunConfig` (model, layers, samples, output, ...)."""
-
 __all__ = ["ExperimentConfig", "MambaMechanisticAnalyzer"]
+
+
+class ExperimentConfig(RunConfig):
+    """The analyzer's configuration: the pipeline's :class:`RunConfig` (model, layers, samples, output, ...),
+    which also accepts the methodology's ``model_name=`` for ``model``."""
+
+    def __init__(self, *args: Any, model_name: str | None = None, **kwargs: Any) -> None:
+        if model_name is not None:
+            if kwargs.get("model", model_name) != model_name or args:
+                raise UsageError(f"pass the model once: model_name={model_name!r} or model=..., not both")
+            kwargs["model"] = model_name
+        super().__init__(*args, **kwargs)
+
+    @property
+    def model_name(self) -> str:
+        return self.model
 
 
 class MambaMechanisticAnalyzer:
@@ -44,7 +70,7 @@ class MambaMechanisticAnalyzer:
 
     def __init__(self, config: RunConfig | None = None, verbose: bool = False, **overrides: Any) -> None:
         if config is None:
-            config = RunConfig(**overrides)
+            config = ExperimentConfig(**overrides)
         elif overrides:
             config = config.replace(**overrides)
         if not isinstance(config, RunConfig):
@@ -159,6 +185,28 @@ class MambaMechanisticAnalyzer:
         """Step 2: activations at the chosen layers/hooks and their baseline statistics."""
         return self.run_step(2)
 
+    # the methodology's names for steps 3, 5 and 6
+    def discover_interpretable_features(self, force: bool = False) -> StepResult:
+        """Step 3 (sae): SAEs on the chosen hooks, their quality, and which latents track which task variables
+        (``metrics["best_by_variable"]``; ``data(3)["saes"]`` holds the trained SAEs)."""
+        return self._named_step("sae", 3, "discover_interpretable_features", force)
+
+    def select_candidate_circuits(self, force: bool = False) -> StepResult:
+        """Step 5 (circuits): candidate circuits from the earlier steps' evidence, with random controls."""
+        return self._named_step("circuits", 5, "select_candidate_circuits", force)
+
+    def test_circuit_causality(self, force: bool = False) -> StepResult:
+        """Step 6 (causality): necessity (ablation) and sufficiency (patching) of the candidate circuits."""
+        return self._named_step("causality", 6, "test_circuit_causality", force)
+
+    def _named_step(self, name: str, number: int, method: str, force: bool) -> StepResult:
+        if not any(step.name == name for step in all_steps().values()):
+            raise NotImplementedError(
+                f"{method}() runs step {number} ({name}), which this checkout does not implement yet; "
+                f"implemented steps: {implemented_summary()}"
+            )
+        return self.run_step(name, force=force)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -184,9 +232,14 @@ class MambaMechanisticAnalyzer:
 
         Input, in order of precedence: ``texts`` (tokenised with the model's tokenizer, left-padded; language
         models), ``tokens`` [b, l], ``batch`` (a ``TaskBatch``), else the primary dataset of step 1 (task batches
-        for zoo models; run after ``setup()``; step 1 runs if needed). Same code as step 2.
+        for zoo models; run after ``setup()``; step 1 runs if needed). The first argument may also be the token
+        ids or the ``TaskBatch`` itself. Same code as step 2.
         """
         self._require_setup()
+        if isinstance(texts, torch.Tensor):
+            texts, tokens = None, texts
+        elif texts is not None and hasattr(texts, "tokens") and hasattr(texts, "targets"):
+            texts, batch = None, texts
         layers = tuple(self.layers if layers is None else layers)
         hooks = tuple(self.config.hooks if hooks is None else hooks)
         n_layer = self.model.cfg.n_layer

@@ -1,8 +1,14 @@
-"""MambaMechanisticAnalyzer: the same steps as the CLI, driven from Python."""
+"""MambaMechanisticAnalyzer: the same steps as the CLI, driven from Python; the methodology's names; the
+top-level modules of a checkout."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +17,10 @@ from mamba_interp import HookedMamba, MambaConfig
 from mamba_interp.experimental_framework import ExperimentConfig, MambaMechanisticAnalyzer
 from mamba_interp.pipeline import RunConfig, StepResult, register_step
 from mamba_interp.pipeline.config import UsageError
+from mamba_interp.pipeline import registry
 from mamba_interp.pipeline.registry import unregister_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +37,17 @@ def _config(model_dir, out, **kw):
                             figures=False, **kw)
 
 
-def test_experiment_config_is_the_run_config():
-    assert ExperimentConfig is RunConfig
+def test_experiment_config_is_the_run_config_with_model_name():
+    cfg = ExperimentConfig(model_name="induction-mamba1", samples=8)
+    assert isinstance(cfg, RunConfig) and cfg.model == cfg.model_name == "induction-mamba1"
+    assert cfg.to_dict() == RunConfig(model="induction-mamba1", samples=8).to_dict()
+    again = cfg.replace(samples=4)
+    assert type(again) is ExperimentConfig and again.model_name == "induction-mamba1" and again.samples == 4
+    assert ExperimentConfig(model="x").model_name == "x"
+    with pytest.raises(UsageError, match="not both"):
+        ExperimentConfig(model="a", model_name="b")
+    with pytest.raises(UsageError, match="samples"):
+        ExperimentConfig(model_name="a", samples=0)
 
 
 def test_analyzer_runs_steps_like_the_cli(model_dir, tmp_path):
@@ -106,3 +124,85 @@ def test_bad_config_is_a_usage_error(model_dir, tmp_path):
     with pytest.raises(UsageError, match="layer 4 is out of range"):
         an.setup()
     assert not (tmp_path / "d").exists()
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+    """The step registry as a copy for one test: steps registered or removed in it vanish afterwards."""
+    registry.all_steps()  # discover the real steps first
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry._REGISTRY
+
+
+def test_methodology_names_name_the_missing_step(model_dir, tmp_path, private_registry):
+    private_registry.pop(5, None)
+    private_registry.pop(6, None)
+    with MambaMechanisticAnalyzer(_config(model_dir, tmp_path / "m")) as an:
+        an.setup()
+        with pytest.raises(NotImplementedError, match=r"select_candidate_circuits\(\) runs step 5 \(circuits\)"):
+            an.select_candidate_circuits()
+        with pytest.raises(NotImplementedError, match=r"test_circuit_causality\(\) runs step 6 \(causality\)"):
+            an.test_circuit_causality()
+
+
+def test_methodology_names_run_their_steps_once_registered(model_dir, tmp_path, private_registry):
+    private_registry.pop(5, None)
+    private_registry.pop(6, None)
+    calls = []
+
+    @register_step(5, "circuits", requires=(1,))
+    def circuits(ctx):
+        calls.append(5)
+        return StepResult(metrics={"n_circuits": 2}, reading="two candidates", data={"circuits": ["a", "b"]})
+
+    @register_step(6, "causality", requires=(5,))
+    def causality(ctx):
+        calls.append(6)
+        return StepResult(metrics={"tested": len(ctx.data(5)["circuits"])}, reading="tested")
+
+    with MambaMechanisticAnalyzer(_config(model_dir, tmp_path / "n")) as an:
+        an.setup()
+        assert an.select_candidate_circuits().metrics == {"n_circuits": 2}
+        assert an.test_circuit_causality().metrics == {"tested": 2}
+        assert calls == [5, 6]  # step 6 reused step 5 of this session
+
+
+SEED_EXAMPLE = """
+from experimental_framework import ExperimentConfig, MambaMechanisticAnalyzer
+from sparse_autoencoder import SparseAutoencoder, load_sae
+
+config = ExperimentConfig(model_name="induction-mamba1", output={out!r}, samples=16, batch_size=16, quiet=True,
+                          figures=False, step_options={{"sae": {{"hooks": ["resid_post"], "epochs": 1.0}}}})
+analyzer = MambaMechanisticAnalyzer(config)
+analyzer.setup()
+activations = analyzer.collect_activations()
+features = analyzer.discover_interpretable_features()
+try:
+    circuits = analyzer.select_candidate_circuits()
+    results = analyzer.test_circuit_causality()
+except NotImplementedError as exc:
+    print("NOT YET:", exc)
+sae = analyzer.data(3)["saes"]["L1_resid_post"].sae
+assert isinstance(sae, SparseAutoencoder)
+print("ACTIVATIONS", sorted(activations.hooks))
+print(features)
+print("REPORT", analyzer.report())
+"""
+
+
+def test_the_seed_usage_example_runs_from_the_repository_root(tmp_path):
+    """The methodology's usage, from a checkout (no install, no PYTHONPATH), with a zoo model for the hub id."""
+    from mamba_interp import zoo
+
+    if "induction-mamba1" not in zoo.names():
+        pytest.skip("the zoo model induction-mamba1 is not shipped")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    script = textwrap.dedent(SEED_EXAMPLE.format(out=str(tmp_path / "run")))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "ACTIVATIONS" in out and "StepResult(reading='2 topk" in out and "REPORT" in out
+    if "NOT YET" in out:
+        assert "runs step 5 (circuits)" in out
+    assert (tmp_path / "run" / "step_03_sae" / "sae_L1_resid_post" / "sae_weights.safetensors").is_file()

@@ -291,6 +291,12 @@ class HookedMamba(HookedRootModule):
         x = self.norm_f(x) if apply_norm else x
         return self.lm_head(x.to(self.lm_head.weight.dtype)).float()
 
+    def run_with_saes(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Logits with SAEs spliced in at hook points (``mamba_interp.sparse_autoencoder.splice.run_with_saes``)."""
+        from mamba_interp.sparse_autoencoder.splice import run_with_saes
+
+        return run_with_saes(self, *args, **kwargs)
+
     # ---- conveniences ------------------------------------------------------------------------
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -79,6 +79,14 @@ class StepResult:
     artifacts: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """A few lines (the reading, the metric names, counts), not the tensors in ``data``."""
+        reading = self.reading if len(self.reading) <= 300 else self.reading[:299] + "…"
+        keys = list(self.metrics)
+        shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+        return (f"StepResult(reading={reading!r},\n  metrics: {shown or 'none'},\n  artifacts: "
+                f"{len(self.artifacts)} files, data: {', '.join(self.data) or 'none'})")
+
 
 @dataclass
 class StepContext:

@@ -2,8 +2,12 @@
 
 Built only from what is on disk (``manifest.json`` and every ``step_NN_*/result.json``), so it can be rebuilt
 at any time with ``mamba-interp report OUT``. A file that cannot be read or shown never stops the report: its step
-is shown as ``unreadable`` with the reason. Layout: run header (model, device, seed, versions), an index of
-steps with status and time, then one section per step: status, the generated reading, a metrics table, figures.
+is shown as ``unreadable`` with the reason. Layout: run header (model, device, seed, versions); a summary (what a
+reader must notice: failed steps, a model at chance (step 1's ``chance_warning``), every step's
+``metrics["warnings"]``; then the run's findings, one line per completed step from its reading); an index of steps
+with status and time; then one section per step: status, the generated reading, figures, feature dashboards
+(a step's ``feature_dashboards.json``), and its metrics tables (tables longer than ``COLLAPSE_ROWS`` rows are
+collapsed, wide ones scroll inside their section).
 """
 
 from __future__ import annotations
@@ -12,13 +16,18 @@ import base64
 import html
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from mamba_interp.pipeline.report_dashboards import dashboards_html
 from mamba_interp.utils.io import atomic_write_text
 
 MAX_ROWS = 400  # metric rows per step shown in the table; the rest stay in result.json
 MAX_LIST = 12  # list items shown inline
+COLLAPSE_ROWS = 20  # longer tables are folded into <details>
+FINDING_CHARS = 280  # a finding line: the reading's first sentence, cut at this length
+DASHBOARDS_FILE = "feature_dashboards.json"
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -34,6 +43,10 @@ text-align:left;vertical-align:top} th{background:#f1f3f7} td.num{font-family:ui
 img{max-width:100%;border:1px solid #eef0f4;margin:6px 0} pre{white-space:pre-wrap;font-size:.8em;
 background:#fbf3f2;padding:8px;border-radius:4px;max-height:320px;overflow:auto}
 .meta{color:#5d6778;font-size:.88em} a{color:#2a5db0}
+.scroll{overflow-x:auto;max-width:100%} .scroll table{width:auto;min-width:50%}
+.notice{background:#fff6e5;border-left:4px solid #d68910;padding:8px 12px;margin:8px 0}
+.notice li,.findings li{margin:3px 0;line-height:1.4} .findings{padding-left:20px}
+details>summary{cursor:pointer;color:#2a5db0;margin:6px 0}
 """
 
 
@@ -95,6 +108,76 @@ def split_tables(metrics: Any, prefix: str = "") -> tuple[list[tuple[str, Any]],
     return rows, grids
 
 
+def _table(head: list[str], rows: list[list[str]], title: str = "") -> str:
+    """A table (cells already escaped) that scrolls sideways inside its section and folds when long."""
+    header = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(rows_) + "</tr>" for rows_ in rows)
+    table = f'<div class="scroll"><table><tr>{header}</tr>{body}</table></div>'
+    heading = f"<h3>{title}</h3>" if title else ""
+    if len(rows) > COLLAPSE_ROWS:
+        label = html.escape(re.sub("<[^>]+>", "", title) or "table")
+        return f"{heading}<details><summary>{len(rows)} rows of {label} (click to show)</summary>{table}</details>"
+    return heading + table
+
+
+def first_sentence(text: str, limit: int = FINDING_CHARS) -> str:
+    """The first sentence of a reading (a split after ., ! or ? followed by a capital or a digit), shortened."""
+    text = " ".join(str(text).split())
+    head = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9(])", text, maxsplit=1)[0]
+    return head if len(head) <= limit else head[: limit - 1].rstrip() + "…"
+
+
+def _notices(index: list[dict], by_folder: dict[str, dict]) -> list[str]:
+    """What a reader must notice, in step order: failed steps, a model at chance, the steps' own warnings."""
+    out = []
+    for entry in index:
+        res = by_folder.get(str(entry.get("folder", "")), {})
+        label = f'step {entry.get("step")} ({entry.get("name")})'
+        if (entry.get("status") or res.get("status")) == "failed":
+            out.append(f"{label} failed: {entry.get('reason') or (res.get('error') or {}).get('message', '')}")
+        metrics = res.get("metrics") if isinstance(res.get("metrics"), dict) else {}
+        if isinstance(metrics.get("chance_warning"), str) and metrics["chance_warning"]:
+            out.append(f"{label}: {metrics['chance_warning']}")
+        warnings = metrics.get("warnings")
+        if isinstance(warnings, list):
+            out += [f"{label}: {w}" for w in warnings if isinstance(w, str) and w]
+    return out
+
+
+def _summary(index: list[dict], by_folder: dict[str, dict]) -> str:
+    """The page's first section: notices, then one finding per completed step."""
+    e = html.escape
+    index = [entry for entry in index if isinstance(entry, dict)]
+    parts = ['<section id="summary"><h2>Summary</h2>']
+    notices = _notices(index, by_folder)
+    if notices:
+        parts.append('<div class="notice"><b>Notice</b><ul>' + "".join(f"<li>{e(n)}</li>" for n in notices)
+                     + "</ul></div>")
+    findings = []
+    for entry in index:
+        res = by_folder.get(str(entry.get("folder", "")), {})
+        if res.get("status") == "completed" and res.get("reading"):
+            findings.append(f'<li><a href="#step-{entry.get("step")}">Step {entry.get("step")} '
+                            f'{e(str(entry.get("name")))}</a>: {e(first_sentence(res["reading"]))}</li>')
+    if findings:
+        parts.append('<h3>Findings</h3><ul class="findings">' + "".join(findings) + "</ul>")
+    else:
+        parts.append('<p class="meta">No step has completed yet.</p>')
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _dashboards(folder: Path) -> str:
+    """The feature dashboards a step wrote (``feature_dashboards.json``), or a note why they cannot be shown."""
+    path = folder / DASHBOARDS_FILE
+    try:
+        cards = json.loads(path.read_text(encoding="utf-8"))
+        body = dashboards_html(cards) if cards else '<p class="meta">no latent was selected</p>'
+    except Exception as exc:  # a broken file costs its dashboards, never the report
+        body = f'<p class="meta">{DASHBOARDS_FILE} could not be shown ({html.escape(type(exc).__name__)})</p>'
+    return f'<h3 id="dashboards-{html.escape(folder.name)}">feature dashboards</h3>{body}'
+
+
 def _img(path: Path) -> str:
     try:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -151,21 +234,19 @@ def _step_section(folder: Path, result: dict[str, Any]) -> str:
         p = folder / art
         if p.suffix.lower() == ".png":  # a listed figure that cannot be read is said to be missing
             out.append(f"<h3>{e(p.stem.replace('_', ' '))}</h3>{_img(p)}")
+    if DASHBOARDS_FILE in (result.get("artifacts") or []):
+        out.append(_dashboards(folder))
     rows, grids = split_tables(result.get("metrics") or {})
     if rows:
-        out.append("<h3>metrics</h3><table><tr><th>metric</th><th>value</th></tr>")
-        for key, value in rows[:MAX_ROWS]:
-            out.append(f'<tr><td>{e(key)}</td><td class="num">{e(_fmt(value))}</td></tr>')
-        out.append("</table>")
+        cells = [[f"<td>{e(key)}</td>", f'<td class="num">{e(_fmt(value))}</td>'] for key, value in rows[:MAX_ROWS]]
+        out.append(_table(["metric", "value"], cells, "metrics"))
         if len(rows) > MAX_ROWS:
             out.append(f'<p class="meta">{len(rows) - MAX_ROWS} more rows in result.json</p>')
     for key, grid in grids:
         cols = list(next(iter(grid.values())))
-        out.append(f"<h3>{e(key)}</h3><table><tr><th></th>" + "".join(f"<th>{e(str(c))}</th>" for c in cols) + "</tr>")
-        for name, row in grid.items():
-            cells = "".join(f'<td class="num">{e(_fmt(row[c]))}</td>' for c in cols)
-            out.append(f"<tr><td>{e(str(name))}</td>{cells}</tr>")
-        out.append("</table>")
+        cells = [[f"<td>{e(str(name))}</td>"] + [f'<td class="num">{e(_fmt(row[c]))}</td>' for c in cols]
+                 for name, row in grid.items()]
+        out.append(_table([""] + [e(str(c)) for c in cols], cells, e(key)))
     others = [a for a in (result.get("artifacts") or []) if not a.lower().endswith(".png")]
     if others:
         out.append(f'<p class="meta">files: {", ".join(e(a) for a in others)}</p>')
@@ -219,6 +300,10 @@ def build_report(out_dir: str | Path) -> str:
         {"step": r.get("step"), "name": r.get("name"), "status": r.get("status"), "duration_s": r.get("duration_s"),
          "folder": f.name} for f, r in results
     ]
+    try:
+        parts.append(_summary(index, by_folder))
+    except Exception as exc:  # a manifest or result with fields of the wrong kind: the sections still show
+        parts.append(f'<p class="reading">The summary could not be built ({e(type(exc).__name__)}: {e(str(exc))})</p>')
     parts.append("<section><h2>Steps</h2><table><tr><th>#</th><th>step</th><th>status</th><th>time</th>"
                  "<th>note</th></tr>")
     for entry in index:

@@ -1,5 +1,6 @@
 """The figures of step 3 (sae): latent density, loss recovered, training curves, the best |r| per variable and
-SAE, the best latent of each variable against it, and the top-activating held-out tokens."""
+SAE, and the best latent of each variable against it. (The top-activating contexts are in the report's feature
+dashboards.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from mamba_interp.pipeline.sae_support import MIN_ABLATION_EFFECT, TrainedSAE, f
 
 
 def draw_figures(ctx: StepContext, trained: dict[str, TrainedSAE], per_sae: dict, histories: dict, best: dict,
-                 correlations: dict, base_of: dict, features: dict, variables: dict, top: list[dict]) -> None:
+                 correlations: dict, base_of: dict, features: dict, variables: dict, architecture: str) -> None:
     """Draw step 3's figures into its folder (``ctx.save_figure``) from the numbers the step measured."""
     import matplotlib
 
@@ -35,30 +36,53 @@ def draw_figures(ctx: StepContext, trained: dict[str, TrainedSAE], per_sae: dict
         ax.axis("off")
     ctx.save_figure(fig, "feature_density")
 
-    # 2. loss with the SAE spliced in vs clean and the two ablations
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(keys) + 2), 3.4), layout="constrained")
+    # 2. loss recovered: the losses on a log axis (clean and spliced are often ~1e-3 of the ablations), and the
+    # recovered fraction against each ablation
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(9.0, 2.0 * len(keys) + 3), 3.6), layout="constrained")
     x = np.arange(len(keys))
     kinds = (("clean_loss", "clean"), ("spliced_loss", "SAE spliced"), ("mean_ablation_loss", "mean ablation"),
              ("zero_ablation_loss", "zero ablation"))
     for j, (field_, label) in enumerate(kinds):
-        ax.bar(x + (j - 1.5) * 0.2, [per_sae[k][field_] for k in keys], width=0.2, label=label)
-    labels = [f"{k}\n{fmt_pct(per_sae[k]['recovered_vs_mean'])} rec." if per_sae[k]["ablation_effect"]
-              >= MIN_ABLATION_EFFECT else f"{k}\n(ablation Δ < {MIN_ABLATION_EFFECT})" for k in keys]
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set(ylabel="cross-entropy at target positions", title="loss recovered (vs mean ablation)")
+        ax.bar(x + (j - 1.5) * 0.2, [max(per_sae[k][field_], 1e-6) for k in keys], width=0.2, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(x, keys, fontsize=7, rotation=20)
+    ax.set(ylabel="cross-entropy at target positions (log)", title="loss with the activation replaced")
     ax.legend(fontsize=7)
+    informative = [per_sae[k]["ablation_effect"] >= MIN_ABLATION_EFFECT for k in keys]
+    for j, (field_, label) in enumerate((("recovered_vs_mean", "vs mean ablation"),
+                                         ("recovered_vs_zero", "vs zero ablation"))):
+        vals = [per_sae[k][field_] if ok else 0.0 for k, ok in zip(keys, informative)]
+        ax2.bar(x + (j - 0.5) * 0.35, vals, width=0.35, label=label)
+    shown = [per_sae[k][f] for k, ok in zip(keys, informative) if ok for f in ("recovered_vs_mean",
+                                                                             "recovered_vs_zero")]
+    top = max([1.0, *shown]) + 0.15
+    for i, (k, ok) in enumerate(zip(keys, informative)):
+        text = fmt_pct(per_sae[k]["recovered_vs_mean"]) if ok else f"ablation Δ < {MIN_ABLATION_EFFECT}"
+        ax2.text(i, max(per_sae[k]["recovered_vs_mean"], 0.0) + 0.03 if ok else 0.02, text, ha="center",
+                 fontsize=7, rotation=0 if ok else 90, va="bottom")
+    ax2.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax2.set_xticks(x, keys, fontsize=7, rotation=20)
+    ax2.set(ylim=(min([0.0, *shown]) - 0.05, top), ylabel="fraction of the loss recovered",
+            title="loss recovered by the SAE (1 = as good as clean)")
+    ax2.legend(fontsize=7, loc="lower right")
     ctx.save_figure(fig, "loss_recovered")
 
-    # 3. training curves of every SAE
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), layout="constrained")
+    # 3. training curves of every SAE; TopK and BatchTopK hold L0 at k by construction, so no L0 panel for them
+    fixed_l0 = architecture in ("topk", "batchtopk")
+    panels = ("fvu", "dead") if fixed_l0 else ("fvu", "l0", "dead")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.2), layout="constrained")
+    ax_of = dict(zip(panels, axes))
     for key, h in histories.items():
-        axes[0].plot(h.step, h.fvu, label=key, lw=1)
-        axes[1].plot(h.step, h.l0, lw=1)
-        axes[2].plot(h.step, h.dead_fraction, lw=1)
-    axes[0].set(yscale="log", title="batch FVU", xlabel="step")
-    axes[1].set(title="L0", xlabel="step", ylim=(0, 1.1 * max(max(h.l0, default=1.0) for h in histories.values())))
-    axes[2].set(title="dead fraction (AuxK window)", xlabel="step")
-    axes[0].legend(fontsize=7)
+        ax_of["fvu"].plot(h.step, h.fvu, label=key, lw=1)
+        ax_of["dead"].plot(h.step, h.dead_fraction, lw=1)
+        if not fixed_l0:
+            ax_of["l0"].plot(h.step, h.l0, lw=1)
+    ax_of["fvu"].set(yscale="log", title="batch FVU", xlabel="step")
+    ax_of["dead"].set(title="dead fraction (AuxK window)" if fixed_l0 else "dead fraction", xlabel="step")
+    if not fixed_l0:
+        ax_of["l0"].set(title="L0", xlabel="step",
+                        ylim=(0, 1.1 * max(max(h.l0, default=1.0) for h in histories.values())))
+    ax_of["fvu"].legend(fontsize=7)
     ctx.save_figure(fig, "training_curves")
 
     if not best:
@@ -102,22 +126,3 @@ def draw_figures(ctx: StepContext, trained: dict[str, TrainedSAE], per_sae: dict
     for ax in list(axes.flat)[len(var_names):]:
         ax.axis("off")
     ctx.save_figure(fig, "feature_variable_matches")
-
-    # 6. top-activating examples as a text table
-    shown = top[:6]
-    lines: list[tuple[str, str]] = []
-    for entry in shown:
-        lines.append((f"{entry['sae']} latent {entry['latent']}  (best for {entry['variable']}, r = {entry['r']:.2f})",
-                      "head"))
-        for ex in entry["examples"][:5]:
-            ctx_tokens = list(ex["context"])
-            ctx_tokens[ex["focus"]] = f"[{ctx_tokens[ex['focus']]}]"
-            lines.append((f"   {ex['activation']:7.3f}   seq {ex['sequence']:>4} pos {ex['position']:>3}:   "
-                          + " ".join(ctx_tokens), "row"))
-    fig = plt.figure(figsize=(9, 0.22 * (len(lines) + 2)))
-    fig.text(0.01, 1 - 0.8 / (len(lines) + 2), "top-activating held-out tokens: activation, where, and the context "
-             "([the token], the tokens before it)", fontsize=9, style="italic")
-    for j, (text, kind) in enumerate(lines):
-        fig.text(0.01, 1 - (j + 2) / (len(lines) + 2), text, family="monospace", fontsize=8,
-                 weight="bold" if kind == "head" else "normal")
-    ctx.save_figure(fig, "top_examples")

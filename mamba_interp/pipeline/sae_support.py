@@ -1,5 +1,6 @@
-"""Step 3's machinery around its SAEs: the train / held-out activations, splicing an SAE (or an ablation) into
-the model and the loss at the task's target positions, and the tables of latents against ground-truth variables.
+"""Step 3's machinery around its SAEs: the train / held-out activations, the loss at the task's target positions
+with SAEs spliced in (``model.run_with_saes``) or an activation ablated, and the tables of latents against
+ground-truth variables.
 
 Functions here take a model and tensors (or a :class:`StepContext` where they read the run's data), so later
 steps and notebooks reuse them; the step itself is ``pipeline/steps/s03_sae.py``.
@@ -101,33 +102,56 @@ def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int,
 
 
 # ---- loss recovered ----------------------------------------------------------------------------
-@torch.no_grad()
-def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None) -> float:
-    """Mean cross-entropy over the batch's target positions (targets != -100), with optional hooks."""
+def target_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sequence: the summed cross-entropy over its target positions (targets != -100) and their count, [b]."""
     from mamba_interp.tasks.base import IGNORE
 
+    b, l, v = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, v).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return ce.view(b, l).sum(1), (targets != IGNORE).sum(1)
+
+
+@torch.no_grad()
+def _ce_sums(model: Any, batch: Any, batch_size: int, **run_kwargs: Any) -> tuple[Tensor, Tensor]:
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums, counts = [], []
     for s in range(0, len(batch), batch_size):
         ids = batch.tokens[s:s + batch_size].to(device)
         mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size].to(device)
-        targets = batch.targets[s:s + batch_size].to(device)
-        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=fwd_hooks or [])
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                 ignore_index=IGNORE, reduction="sum").item()
-        count += int((targets != IGNORE).sum())
-    if count == 0:
+        logits = model.run_with_saes(ids, attention_mask=mask, **run_kwargs)
+        total, count = target_ce(logits, batch.targets[s:s + batch_size].to(device))
+        sums.append(total.double().cpu())
+        counts.append(count.cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def _splice_kwargs(fwd_hooks: list | None, saes: dict | None, use_error_term: bool,
+                   latent_edits: dict | None) -> dict[str, Any]:
+    return {"fwd_hooks": fwd_hooks or [], "saes": saes or {}, "use_error_term": use_error_term,
+            "latent_edits": latent_edits}
+
+
+def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
+                use_error_term: bool = False, latent_edits: dict | None = None) -> float:
+    """Mean cross-entropy over the batch's target positions (targets != -100), with optional hooks and SAEs
+    spliced in at hook points (``model.run_with_saes``: ``saes={hook_name: sae}``, ``use_error_term``,
+    ``latent_edits``)."""
+    sums, counts = _ce_sums(model, batch, batch_size, **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
+    if int(counts.sum()) == 0:
         raise ValueError("the held-out batch has no target positions to score the loss on")
-    return total / count
+    return float(sums.sum() / counts.sum())
 
 
-def splice_hooks(sae: SparseAutoencoder, mean: Tensor) -> dict[str, Any]:
-    """Hook functions replacing an activation [b, l, ...] (Mamba-2: [b, l, h, p]) by the SAE reconstruction, by
-    zeros, or by ``mean`` [k] (k = the flattened width)."""
+def sequence_losses(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
+                    use_error_term: bool = False, latent_edits: dict | None = None) -> Tensor:
+    """[b] mean cross-entropy over each sequence's target positions (NaN for a sequence without one)."""
+    sums, counts = _ce_sums(model, batch, batch_size, **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
+    return sums / counts.double().where(counts > 0, torch.tensor(float("nan"), dtype=torch.float64))
 
-    def spliced(t: Tensor, hook: Any) -> Tensor:
-        flat = t.reshape(*t.shape[:2], -1)  # (b, l, k)
-        return sae(flat.to(sae.device, torch.float32)).to(t.device, t.dtype).reshape(t.shape)
+
+def ablation_hooks(mean: Tensor) -> dict[str, Any]:
+    """Hook functions replacing an activation [b, l, ...] (Mamba-2: [b, l, h, p]) by zeros or by ``mean`` [k]
+    (k = the flattened width): the baselines of loss recovered. The SAE itself is spliced by ``run_with_saes``."""
 
     def zero(t: Tensor, hook: Any) -> Tensor:
         return torch.zeros_like(t)
@@ -135,7 +159,7 @@ def splice_hooks(sae: SparseAutoencoder, mean: Tensor) -> dict[str, Any]:
     def mean_ablate(t: Tensor, hook: Any) -> Tensor:
         return mean.to(t.device, t.dtype).reshape(t.shape[2:]).expand(t.shape).clone()
 
-    return {"spliced": spliced, "zero": zero, "mean": mean_ablate}
+    return {"zero": zero, "mean": mean_ablate}
 
 
 # ---- training and the latent tables ---------------------------------------------------------------
@@ -177,11 +201,23 @@ def best_by_variable(correlations: dict[str, list[dict]], base_of: dict[str, str
     return dict(sorted(best.items(), key=lambda kv: -kv[1]["abs_r"]))
 
 
-def token_text(ctx: StepContext, ids: list[int]) -> list[str]:
+def token_renderer(ctx: StepContext) -> Any:
+    """``render(id) -> str`` for the run's model: the decoded token (control characters escaped) when the model
+    has a tokenizer, else the id itself (synthetic tasks)."""
     tok = ctx.source.tokenizer() if ctx.source.task is None else None
-    if tok is not None:
-        return [str(t) for t in tok.convert_ids_to_tokens(ids)]
-    return [str(i) for i in ids]
+    if tok is None:
+        return str
+    try:  # the models package's renderer, where it exists
+        from mamba_interp.models.tokens import render_token
+    except ImportError:
+        render_token = _render_token
+    return lambda i: render_token(tok, int(i))
+
+
+def _render_token(tokenizer: Any, token_id: int) -> str:
+    """The text a token stands for (``"ĠDisclaim"`` -> ``" Disclaim"``), control characters escaped."""
+    text = tokenizer.decode([token_id])
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def top_examples(ctx: StepContext, best: dict[str, dict], features: dict[str, Tensor], data: SAEActivations,
@@ -189,6 +225,7 @@ def top_examples(ctx: StepContext, best: dict[str, dict], features: dict[str, Te
     """Top-activating held-out tokens (with context) of the best latent of each variable."""
     coords = data.eval.coords()  # (N_eval, 2): (sequence, position)
     tokens = data.eval_batch.tokens
+    render = token_renderer(ctx)
     out, seen = [], set()
     for var, b in best.items():
         pair = (b["sae"], b["latent"])
@@ -203,7 +240,7 @@ def top_examples(ctx: StepContext, best: dict[str, dict], features: dict[str, Te
             seq, pos = (int(c) for c in coords[idx])
             lo, hi = max(0, pos - before), min(tokens.shape[1], pos + after + 1)
             examples.append({"sequence": seq, "position": pos, "activation": value,
-                             "context": token_text(ctx, tokens[seq, lo:hi].tolist()), "focus": pos - lo})
+                             "context": [render(t) for t in tokens[seq, lo:hi].tolist()], "focus": pos - lo})
         out.append({"sae": b["sae"], "latent": b["latent"], "variable": b["variable"], "r": b["r"],
                     "examples": examples})
     return out

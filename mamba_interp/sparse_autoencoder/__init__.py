@@ -1,4 +1,5 @@
-"""Sparse autoencoders: one core for ReLU/L1, TopK, BatchTopK and JumpReLU SAEs, metrics, analysis and I/O."""
+"""Sparse autoencoders: one core for ReLU/L1, TopK, BatchTopK and JumpReLU SAEs, metrics, analysis, I/O, and
+SAEs spliced into the model (``run_with_saes``, latent ablation and steering, latent attribution)."""
 
 from mamba_interp.sparse_autoencoder.analysis import (
     FeatureCorrelation,
@@ -29,6 +30,15 @@ from mamba_interp.sparse_autoencoder.plots import (
     plot_feature_variable_matches,
     plot_training_history,
 )
+from mamba_interp.sparse_autoencoder.splice import (
+    SAESplice,
+    ablate_latents,
+    latent_attribution,
+    run_with_saes,
+    saes_spliced,
+    steer_latents,
+    steering_hook,
+)
 from mamba_interp.sparse_autoencoder.synthetic import PlantedData, planted_features
 from mamba_interp.sparse_autoencoder.training import TrainHistory, geometric_median, train_sae
 
@@ -40,10 +50,12 @@ __all__ = [
     "PlantedData",
     "RecoveryMetrics",
     "SAEConfig",
+    "SAESplice",
     "SAEMetrics",
     "SparseAutoencoder",
     "TopExamples",
     "TrainHistory",
+    "ablate_latents",
     "cosine_matrix",
     "dictionary_recovery",
     "encode_activations",
@@ -51,6 +63,7 @@ __all__ = [
     "fvu",
     "geometric_median",
     "kl_score",
+    "latent_attribution",
     "load_sae",
     "loss_recovered",
     "mmcs",
@@ -59,8 +72,12 @@ __all__ = [
     "plot_feature_density",
     "plot_feature_variable_matches",
     "plot_training_history",
+    "run_with_saes",
     "sae_metrics",
+    "saes_spliced",
     "save_sae",
+    "steer_latents",
+    "steering_hook",
     "top_activating_examples",
     "train_sae",
 ]

@@ -1,12 +1,15 @@
-"""Save / load an SAE as a folder ``cfg.json`` + ``sae.safetensors`` in SAELens's layout (sparse_coding.md §1.2).
+"""Save / load an SAE as a folder ``cfg.json`` + ``sae_weights.safetensors``, as SAELens 6.x writes and reads it.
 
 Tensors: ``W_enc`` [d, m], ``W_dec`` [m, d], ``b_enc`` [m], ``b_dec`` [d], and ``threshold`` [m] for JumpReLU (BatchTopK
 SAEs are exported as JumpReLU with their single threshold, as SAELens does). ``cfg.json`` carries SAELens's fields
 (``architecture`` ∈ {standard, topk, jumprelu}, ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``,
-``normalize_activations``, ``reshape_activations``, ``k``, ``rescale_acts_by_decoder_norm``, ``metadata``) plus our
-full ``SAEConfig`` under ``"mamba_interp"``, which SAELens ignores. The activation normalisation is folded into the
-weights (``normalize_activations = "none"``). SAELens's own loader looks for ``sae_weights.safetensors``; pass
-``saelens_weights_name=True`` to write that name as well, and ``load_sae`` reads either.
+``normalize_activations``, ``reshape_activations``, ``k``, ``rescale_acts_by_decoder_norm``) and ``metadata`` with
+``sae_lens_version`` (the config format, 6.0.0: SAELens' ``handle_config_defaulting`` then keeps ``metadata`` as
+written instead of rebuilding it from pre-6.0 top-level keys), ``hook_name`` and ``model_name``; plus our full
+``SAEConfig`` under ``"mamba_interp"``, which SAELens ignores. ``sae_lens.SAE.load_from_disk(folder)`` loads it
+with its default file names. The activation normalisation is folded into the weights
+(``normalize_activations = "none"``). ``load_sae`` also reads folders written before the rename
+(``sae.safetensors``) and folders written by SAELens.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from mamba_interp.sparse_autoencoder.model import SparseAutoencoder
 from mamba_interp.utils.io import atomic_path, atomic_write_json
 
 CFG_FILENAME = "cfg.json"
-WEIGHTS_FILENAME = "sae.safetensors"
-SAELENS_WEIGHTS_FILENAME = "sae_weights.safetensors"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+"""SAELens's ``SAE_WEIGHTS_FILENAME``."""
+LEGACY_WEIGHTS_FILENAME = "sae.safetensors"
+"""What mamba_interp wrote before it used SAELens's name; still read."""
+SAELENS_CONFIG_VERSION = "6.0.0"
+"""The SAELens config format ``cfg.json`` follows (``metadata.sae_lens_version``)."""
 FORMAT_VERSION = 1
 
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
@@ -67,9 +74,10 @@ def saelens_cfg(sae: SparseAutoencoder, hook_name: str | None = None, model_name
     if cfg.architecture == "topk":
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
-    metadata = {
-        key: value for key, value in (("hook_name", hook_name), ("model_name", model_name)) if value is not None
-    }
+    # not trained by SAELens: its training version stays null rather than defaulting to the installed version
+    metadata: dict[str, Any] = {"sae_lens_version": SAELENS_CONFIG_VERSION, "sae_lens_training_version": None}
+    metadata.update({key: value for key, value in (("hook_name", hook_name), ("model_name", model_name))
+                     if value is not None})
     out["metadata"] = metadata
     return out
 
@@ -80,21 +88,20 @@ def save_sae(
     hook_name: str | None = None,
     model_name: str | None = None,
     extra: dict[str, Any] | None = None,
-    saelens_weights_name: bool = False,
 ) -> Path:
-    """Write ``folder/sae.safetensors`` then ``folder/cfg.json`` (each atomically); returns the folder.
+    """Write ``folder/sae_weights.safetensors`` then ``folder/cfg.json`` (each atomically); returns the folder.
 
     The activation scale is folded into the saved weights, so the saved SAE takes raw activations.
+    ``hook_name`` / ``model_name`` go to ``cfg.json["metadata"]`` (SAELens reads them from there);
     ``extra`` (JSON-able) is stored under ``cfg.json["mamba_interp"]["extra"]``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     folded = folded_copy(sae)
     state = saelens_state_dict(folded)
-    names = [WEIGHTS_FILENAME] + ([SAELENS_WEIGHTS_FILENAME] if saelens_weights_name else [])
-    for name in names:
-        with atomic_path(folder / name) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(folder / WEIGHTS_FILENAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    (folder / LEGACY_WEIGHTS_FILENAME).unlink(missing_ok=True)  # a stale copy from an older save
     cfg = saelens_cfg(folded, hook_name=hook_name, model_name=model_name)
     cfg["mamba_interp"] = {
         "format_version": FORMAT_VERSION,
@@ -138,9 +145,9 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no {CFG_FILENAME} in {folder}; is this an SAE folder written by save_sae?")
     raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    weights = next((folder / n for n in (WEIGHTS_FILENAME, SAELENS_WEIGHTS_FILENAME) if (folder / n).is_file()), None)
+    weights = next((folder / n for n in (WEIGHTS_FILENAME, LEGACY_WEIGHTS_FILENAME) if (folder / n).is_file()), None)
     if weights is None:
-        raise FileNotFoundError(f"no {WEIGHTS_FILENAME} or {SAELENS_WEIGHTS_FILENAME} in {folder}")
+        raise FileNotFoundError(f"no {WEIGHTS_FILENAME} (or {LEGACY_WEIGHTS_FILENAME}) in {folder}")
     state = load_file(str(weights))
     ours = raw.get("mamba_interp")
     cfg = SAEConfig.from_dict(ours["sae_config"]) if ours else _config_from_saelens(raw)

@@ -24,7 +24,7 @@ def resumed(tmp_path_factory):
     out = tmp_path_factory.mktemp("dictionary") / "run"
     _, first = sae_run(model, out, figures=True, step_options=OPTIONS)
     assert first.exit_code == 0
-    sae_file = out / "step_03_sae" / "sae_L1_resid_post" / "sae.safetensors"
+    sae_file = out / "step_03_sae" / "sae_L1_resid_post" / "sae_weights.safetensors"
     before = sae_file.stat().st_mtime_ns
     runner = Runner(RunConfig(model=str(model), output=str(out), samples=64, batch_size=8, quiet=True, figures=True,
                               steps="13", resume=True, step_options=OPTIONS))

@@ -14,7 +14,7 @@ from pipeline_helpers import read_result, run_pipeline
 from mamba_interp.pipeline.activation_stats import collect_activations
 from mamba_interp.pipeline.config import UsageError
 from mamba_interp.pipeline.registry import get_step
-from mamba_interp.pipeline.steps.s03_sae import MIN_ABLATION_EFFECT, Options, splice_hooks, target_loss
+from mamba_interp.pipeline.steps.s03_sae import MIN_ABLATION_EFFECT, Options, ablation_hooks, target_loss
 from mamba_interp.pipeline.task_variables import expand_variables, task_variables
 from mamba_interp.sparse_autoencoder import load_sae
 from mamba_interp.tasks import get_task
@@ -22,7 +22,7 @@ from mamba_interp.tasks import get_task
 # small and fast: 64 sequences of 16 tokens (1024 tokens), two hooks, 8 epochs of batch 128 (64 steps per SAE)
 FAST_SAE = {"hooks": ["resid_post", "x"], "epochs": 8.0, "batch_size": 128, "k": 8}
 SAE_FIGURES = ("feature_density", "loss_recovered", "training_curves", "correlation_heatmap",
-               "feature_variable_matches", "top_examples")
+               "feature_variable_matches")
 
 
 def train_tiny_induction(folder: Path) -> Path:
@@ -109,6 +109,43 @@ def test_step3_correlations_find_the_planted_induction_variables(sae_out):
         assert best[var]["abs_r"] > 0.8 and best[var]["abs_r"] > best[var]["shuffled_best_abs_r"] + 0.5, best[var]
 
 
+def test_step3_dashboards_show_contexts_histograms_logit_effects_and_ablations(sae_out, trained_model):
+    res = read_result(sae_out, "step_03_sae")
+    assert "feature_dashboards.json" in res["artifacts"]
+    cards = json.loads((sae_out / "step_03_sae" / "feature_dashboards.json").read_text())
+    by_sae: dict[str, list[dict]] = {}
+    for c in cards:
+        by_sae.setdefault(c["sae"], []).append(c)
+    assert set(by_sae) == set(res["metrics"]["saes"]) and all(1 <= len(v) <= 6 for v in by_sae.values())
+    for key, group in by_sae.items():
+        reasons = " ".join(r for c in group for r in c["reasons"])
+        assert "best latent for" in reasons and "densest" in reasons, key
+        for c in group:
+            assert len(c["contexts"]) == 8 and c["histogram"]["counts"] and sum(c["histogram"]["counts"]) > 0
+            ctx = c["contexts"][0]
+            assert len(ctx["tokens"]) == len(ctx["acts"]) and ctx["acts"][ctx["focus"]] == pytest.approx(
+                ctx["activation"], rel=1e-3) and ctx["activation"] == pytest.approx(c["max_activation"], rel=1e-3)
+            kind = "direct" if key.endswith("resid_post") else "ablation"
+            effect = c["logit_effect"]
+            assert effect["kind"] == kind and len(effect["promoted"]) == 4 and effect["promoted"][0][1] >= \
+                effect["suppressed"][0][1]
+            assert c["variable"]["name"] and -1 <= c["variable"]["r"] <= 1
+    # the trained model needs layer 0's SSM input: its most ablation-relevant latent (the attribution estimate
+    # says ablating it lowers the answer's log-odds), ablated for real, raises the loss
+    measured = [c for c in by_sae["L0_x"] if c.get("ablation")]
+    assert measured and measured[0]["ablation"]["ci"][0] > 0 and measured[0]["attribution"] < 0
+    # the resid_post direct effect is W_U(γ ⊙ w) of the saved decoder row
+    from mamba_interp import HookedMamba
+
+    model = HookedMamba.from_pretrained(trained_model)
+    card = by_sae["L1_resid_post"][0]
+    w = load_sae(sae_out / "step_03_sae" / "sae_L1_resid_post").W_dec[card["latent"]].detach()
+    with torch.no_grad():
+        logits = (w * model.norm_f.weight) @ model.lm_head.weight[: model.cfg.vocab_size].T
+    assert card["logit_effect"]["promoted"][0] == [str(int(logits.argmax())), pytest.approx(float(logits.max()),
+                                                                                            abs=1e-3)]
+
+
 def test_step3_is_deterministic(trained_model, sae_out, tmp_path):
     out = tmp_path / "again"
     _, summary = sae_run(trained_model, out)
@@ -147,25 +184,25 @@ def test_step3_loader_rebuilds_the_saes(trained_model, sae_out):
 
 
 def test_splicing_mamba2_head_shaped_hooks(m2_model_dir):
-    """Mamba-2's hook_x / hook_y are [b, l, h, p]: an exact reconstruction leaves the loss unchanged, and mean
-    ablation writes the per-(head, channel) mean in the hook's own layout."""
+    """Mamba-2's hook_x / hook_y are [b, l, h, p]: an SAE spliced in with its error term leaves the loss unchanged,
+    without it the loss is the reconstruction's, and mean ablation writes the per-(head, channel) mean in the
+    hook's own layout."""
     from mamba_interp import HookedMamba
+    from mamba_interp.sparse_autoencoder import SAEConfig, SparseAutoencoder
 
     model = HookedMamba.from_pretrained(m2_model_dir).eval()
     batch = get_task("induction", vocab_size=16, seq_len=24).sample(8, seed=0)
     acts = collect_activations(model, batch.tokens, [1], ["x"], 8)
     x = acts.tokens("x", 1)  # (N, h·p)
     assert acts.shapes[("x", 1)] == (model.cfg.nheads, model.cfg.headdim)
-
-    class Identity(torch.nn.Module):
-        device = torch.device("cpu")
-
-        def forward(self, t):
-            return t
-
-    hooks = splice_hooks(Identity(), x.mean(0))
+    sae = SparseAutoencoder(SAEConfig(d_in=x.shape[1], d_sae=128, k=8))
+    name = "blocks.1.mixer.hook_x"
     clean = target_loss(model, batch, 4)
-    assert target_loss(model, batch, 4, [("blocks.1.mixer.hook_x", hooks["spliced"])]) == pytest.approx(clean, abs=1e-6)
+    assert target_loss(model, batch, 4, saes={name: sae}, use_error_term=True) == clean
+    spliced = target_loss(model, batch, 4, saes={name: sae})
+    by_hand = target_loss(model, batch, 4, [(name, lambda t, hook: sae(t.reshape(*t.shape[:2], -1)).view(t.shape))])
+    assert spliced == pytest.approx(by_hand, rel=1e-6) and spliced != pytest.approx(clean, abs=1e-4)
+    hooks = ablation_hooks(x.mean(0))
     seen = {}
 
     def check(t, hook):
@@ -174,7 +211,7 @@ def test_splicing_mamba2_head_shaped_hooks(m2_model_dir):
         seen["out"] = out
         return out
 
-    model.run_with_hooks(batch.tokens, fwd_hooks=[("blocks.1.mixer.hook_x", check)])
+    model.run_with_hooks(batch.tokens, fwd_hooks=[(name, check)])
     assert torch.allclose(seen["out"][0, 0], seen["mean"], atol=1e-5)
     assert seen["out"].shape == (8, 24, model.cfg.nheads, model.cfg.headdim)
 

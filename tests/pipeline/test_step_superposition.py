@@ -24,7 +24,7 @@ def resumed(tmp_path_factory):
     out = tmp_path_factory.mktemp("superposition") / "run"
     _, first = sae_run(model, out, figures=True)
     assert first.exit_code == 0
-    sae_file = out / "step_03_sae" / "sae_L0_x" / "sae.safetensors"
+    sae_file = out / "step_03_sae" / "sae_L0_x" / "sae_weights.safetensors"
     before = (sae_file.stat().st_mtime_ns, read_result(out, "step_03_sae")["started_at"])
     runner = Runner(RunConfig(model=str(model), output=str(out), samples=64, batch_size=8, quiet=True, figures=True,
                               steps="3,12", resume=True, step_options={"sae": FAST_SAE}))

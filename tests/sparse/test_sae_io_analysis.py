@@ -55,7 +55,7 @@ def test_save_load_round_trip(arch, small_saes, raw_activations, tmp_path):
     folder = save_sae(
         sae, tmp_path / arch, hook_name="blocks.1.hook_resid_post", model_name="zoo-default", extra={"note": "x"}
     )
-    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
     cfg = json.loads((folder / "cfg.json").read_text())
     expected_arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[arch]
     assert cfg["architecture"] == expected_arch
@@ -65,9 +65,10 @@ def test_save_load_round_trip(arch, small_saes, raw_activations, tmp_path):
         "none",
         True,
     )
-    assert cfg["metadata"] == {"hook_name": "blocks.1.hook_resid_post", "model_name": "zoo-default"}
+    assert cfg["metadata"] == {"sae_lens_version": "6.0.0", "sae_lens_training_version": None,
+                               "hook_name": "blocks.1.hook_resid_post", "model_name": "zoo-default"}
     assert cfg["mamba_interp"]["architecture"] == arch and cfg["mamba_interp"]["extra"] == {"note": "x"}
-    tensors = load_file(str(folder / "sae.safetensors"))
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
     expected_keys = {"W_enc", "W_dec", "b_enc", "b_dec"} | (
         {"threshold"} if arch in ("batchtopk", "jumprelu") else set()
     )
@@ -103,12 +104,15 @@ def test_normalisation_is_folded_into_saved_weights(arch, small_saes, raw_activa
     assert m_after.fvu == pytest.approx(m_before.fvu, rel=1e-4)
 
 
-def test_saelens_weights_name_and_foreign_folders(small_saes, tmp_path):
+def test_legacy_weights_name_and_foreign_folders(small_saes, tmp_path):
     sae = small_saes["topk"]
-    folder = save_sae(sae, tmp_path / "both", saelens_weights_name=True)
-    assert (folder / "sae_weights.safetensors").is_file()
-    # a folder as SAELens writes it: its weight file name, its own cfg.json without our block
-    (folder / "sae.safetensors").unlink()
+    folder = save_sae(sae, tmp_path / "both")
+    # a folder written before the rename (sae.safetensors) still loads; saving again replaces the old file
+    (folder / "sae_weights.safetensors").rename(folder / "sae.safetensors")
+    assert torch.equal(load_sae(folder).W_dec, folded_copy(sae).W_dec)
+    save_sae(sae, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    # a folder as SAELens writes it: its own cfg.json without our block
     cfg = json.loads((folder / "cfg.json").read_text())
     cfg.pop("mamba_interp")
     (folder / "cfg.json").write_text(json.dumps(cfg))

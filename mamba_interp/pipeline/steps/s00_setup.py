@@ -3,7 +3,8 @@
 The runner has already seeded every RNG, chosen the device and written ``manifest.json``; this step checks the
 instrumentation the later steps rely on: every hook point of DESIGN.md §3 fires with its documented shape, and
 caching every activation (the lazily computed ``hook_dA``/``hook_ssm_state`` included) leaves the logits
-unchanged.
+unchanged. Its metrics open with a compact model summary (architecture, sizes, task, the card's accuracy); the
+whole card (training config, evaluation, command, ...) goes to ``model_card.json``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,24 @@ from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import register_step
 
 CHECK_BATCH, CHECK_LEN = 2, 12
+CARD_FILE = "model_card"
+SUMMARY_FIELDS = ("name", "kind", "spec", "path", "arch", "n_layer", "d_model", "d_inner", "d_state", "vocab_size",
+                  "n_params", "task", "task_params")
 # relative; the materialised scan (taken when states are cached) differs from the fast one only by rounding
 LOGIT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+def model_summary(describe: dict, fingerprint: str, card_file: str) -> dict:
+    """The model in a few fields (``ModelSource.describe()`` without the card, plus the card's accuracy)."""
+    card = describe.get("card") or {}
+    out = {k: describe.get(k) for k in SUMMARY_FIELDS}
+    out["fingerprint"] = fingerprint
+    if card.get("accuracy") is not None:
+        out["card_accuracy"] = card["accuracy"]
+    if card.get("description"):
+        out["description"] = card["description"]
+    out["card_file"] = card_file or None
+    return out
 
 
 def expected_shapes(cfg, b: int, l: int) -> dict[str, tuple[int, ...]]:
@@ -47,7 +64,7 @@ def expected_shapes(cfg, b: int, l: int) -> dict[str, tuple[int, ...]]:
 
 
 @register_step(0, "setup", title="Setup: seeding, device, instrumentation, manifest", load=lambda ctx: {},
-               reads=("model", "layers"))
+               reads=("model", "layers"), version=2)
 def run(ctx: StepContext) -> StepResult:
     model, cfg = ctx.model, ctx.model.cfg
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -69,8 +86,10 @@ def run(ctx: StepContext) -> StepResult:
     tol = LOGIT_TOLERANCE[ctx.config.dtype]
     ok = not missing and not wrong and not active and logit_diff <= tol
     ctx.save_json("hook_shapes", {k: list(v.shape) for k, v in cache.items()})
+    describe = ctx.source.describe()
+    card_file = ctx.save_json(CARD_FILE, describe["card"]).name if describe.get("card") else ""
     metrics = {
-        "model": ctx.source.describe() | {"fingerprint": model.fingerprint()},
+        "model": model_summary(describe, model.fingerprint(), card_file),
         "device": str(ctx.device),
         "dtype": ctx.config.dtype,
         "seed": ctx.config.seed,
@@ -99,9 +118,12 @@ def run(ctx: StepContext) -> StepResult:
             problems.append(f"caching changed the logits by {logit_diff:.2e} (relative)")
         raise RuntimeError("instrumentation check failed: " + "; ".join(problems))
     desc = metrics["model"]
+    task = (f", trained on {desc['task']}" + (f" to accuracy {desc['card_accuracy']:.3f}"
+                                              if isinstance(desc.get("card_accuracy"), (int, float)) else "")
+            if desc.get("task") else "")
     reading = (
         f"Model {desc['name']!r} ({desc['arch']}, {desc['n_layer']} layers, d_model {desc['d_model']}, "
-        f"{desc['n_params']:,} parameters, fingerprint {desc['fingerprint']}) runs on {ctx.device} in "
+        f"{desc['n_params']:,} parameters{task}, fingerprint {desc['fingerprint']}) runs on {ctx.device} in "
         f"{ctx.config.dtype} with the {', '.join(sorted(set(scans)))} scan. All {len(fired)} hook points fired with "
         f"the shapes of DESIGN.md §3, and caching every activation changed the logits by {logit_diff:.1e} "
         f"(relative), so the hooks are transparent. Analysed layers: {', '.join(map(str, ctx.layers))}; "

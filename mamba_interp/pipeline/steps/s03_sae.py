@@ -8,25 +8,30 @@ held-out tokens: step 1's ``heldout`` sequences (fresh samples of the task), or 
 sequences when there are none (or the task is finite, e.g. modular addition, whose held-out sample is the same
 fixed test split).
 
-Per SAE (sparse_coding.md §2.2): L0, FVU, dead/dense fractions, shrinkage (``sae_metrics``) on the held-out tokens
-(FVU on the training tokens too, to show over-fitting); loss recovered when the SAE's reconstruction replaces the
-activation in the model at every position, scored by the mean cross-entropy at the task's target positions,
+Per SAE (Gao et al. 2024; SAELens' evals): L0, FVU, dead/dense fractions, shrinkage (``sae_metrics``) on the
+held-out tokens (FVU on the training tokens too, to show over-fitting); loss recovered when the SAE's
+reconstruction replaces the activation in the model at every position (``model.run_with_saes`` without the error
+term, the SAE-in-the-loop path users call), scored by the mean cross-entropy at the task's target positions,
 against zero ablation and mean ablation (the training mean) of the same activation (``loss_recovered``); the
 Pearson correlation of every live latent with every ground-truth variable (``pipeline/task_variables.py``:
 token, previous token, position, the answer, and task-specific ones such as induction's ``after_trigger`` and
 ``stored_value``; categorical variables one-hot per class), with a shuffled-variable baseline
-(``feature_variable_correlation``); and the top-activating held-out tokens of the best latent per variable.
+(``feature_variable_correlation``); the top-activating held-out tokens of the best latent per variable; and
+feature dashboards for the top latents of each SAE (``pipeline/sae_dashboards.py``: variable matches, the densest
+and the most ablation-relevant latents, with contexts, histograms and logit effects), which the report shows.
+``metrics["warnings"]`` names what a reader must notice (≥ 50 % dead latents, FVU above 0.3, a splice that
+recovers less than 80 % of the loss); the report lists them at the top.
 Loss recovered is reported for every SAE, but the reading skips hooks whose mean ablation moves the loss by less
 than ``MIN_ABLATION_EFFECT`` nats (a ratio of two tiny differences). Each SAE is measured, saved and handed on with
 its activation scale folded into the weights, so a resumed run that loads it reproduces the same numbers.
-The helpers (activation split, splicing, target loss, latent tables) are in ``pipeline/sae_support.py``, the
-figures in ``pipeline/sae_figures.py``.
+The helpers (activation split, target loss, ablation baselines, latent tables) are in ``pipeline/sae_support.py``,
+the dashboards in ``pipeline/sae_dashboards.py``, the figures in ``pipeline/sae_figures.py``.
 
-Outputs: one folder per SAE, ``sae_L<layer>_<hook>/`` (``cfg.json`` + ``sae.safetensors``, SAELens layout,
-``save_sae``), ``latent_density.safetensors`` (firing frequency of every latent on the held-out tokens, by SAE),
-``correlations.json`` (best latent per variable class, per SAE), ``top_examples.json``; figures
-``feature_density.png``, ``loss_recovered.png``, ``feature_variable_matches.png``, ``correlation_heatmap.png``,
-``training_curves.png``, ``top_examples.png``.
+Outputs: one folder per SAE, ``sae_L<layer>_<hook>/`` (``cfg.json`` + ``sae_weights.safetensors``, which
+``sae_lens.SAE.load_from_disk`` reads; ``save_sae``), ``latent_density.safetensors`` (firing frequency of every
+latent on the held-out tokens, by SAE), ``correlations.json`` (best latent per variable class, per SAE),
+``top_examples.json``, ``feature_dashboards.json`` (the cards); figures ``feature_density.png``,
+``loss_recovered.png``, ``feature_variable_matches.png``, ``correlation_heatmap.png``, ``training_curves.png``.
 
 Data for later steps (``ctx.data(3)``): ``saes`` (key ``"L<layer>_<hook>"`` -> :class:`TrainedSAE`) and
 ``options``; the loader rebuilds both from the folders on ``--resume``. :func:`sae_activations` gives later
@@ -37,11 +42,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from mamba_interp.pipeline import sae_dashboards
 from mamba_interp.pipeline.activation_stats import hook_name
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import register_step
@@ -51,12 +58,13 @@ from mamba_interp.pipeline.sae_support import (
     SAE_HOOKS,
     SAEActivations,
     TrainedSAE,
+    ablation_hooks,
     best_by_variable,
     correlate_latents,
+    fmt_pct,
     fmt_range,
     sae_activations,
     sae_key,
-    splice_hooks,
     target_loss,
     top_examples,
     train_folded,
@@ -70,14 +78,19 @@ from mamba_interp.sparse_autoencoder import (
     sae_metrics,
     save_sae,
 )
+from mamba_interp.sparse_autoencoder.io import WEIGHTS_FILENAME
 
 __all__ = [
     "DENSITY_FILE", "MATCH_THRESHOLD", "MIN_ABLATION_EFFECT", "SAE_HOOKS", "Options", "SAEActivations", "TrainedSAE",
-    "load", "run", "sae_activations", "sae_key", "splice_hooks", "target_loss",
+    "ablation_hooks", "load", "run", "sae_activations", "sae_key", "target_loss",
 ]
 
 DENSITY_FILE = "latent_density"
-MATCH_THRESHOLD = 0.8  # the issue's bar for "a latent tracks a ground-truth variable"
+MATCH_THRESHOLD = 0.8  # the bar for "a latent tracks a ground-truth variable"
+# what the reading and the report's notices flag
+DEAD_WARNING = 0.5  # fraction of latents that never fire on the held-out tokens
+FVU_WARNING = 0.3
+RECOVERED_WARNING = 0.8  # loss recovered vs mean ablation, where the ablation matters
 
 
 def _tuple_of(value: Any, name: str, kind: type) -> tuple:
@@ -121,7 +134,11 @@ class Options:
     n_shuffles: int = 2
     """Shuffles of each variable for the chance baseline of the best |r|."""
     top_examples: int = 8
-    """Top-activating held-out tokens kept per shown latent."""
+    """Top-activating held-out tokens kept per shown latent (and per dashboard card)."""
+    dashboards: int = 6
+    """Feature dashboard cards per SAE in the report (0: none)."""
+    dashboard_sequences: int = 64
+    """Held-out sequences used to rank latents by their ablation effect (one forward and backward pass)."""
 
     def __post_init__(self) -> None:
         hooks = _tuple_of(self.hooks, "hooks", str)
@@ -138,12 +155,15 @@ class Options:
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
-        for name in ("expansion", "k", "batch_size", "max_classes", "min_count", "top_examples"):
+        for name in ("expansion", "k", "batch_size", "max_classes", "min_count", "top_examples",
+                     "dashboard_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if not isinstance(self.n_shuffles, int) or self.n_shuffles < 0:
-            raise ValueError(f"n_shuffles={self.n_shuffles!r} must be a non-negative integer")
+        for name in ("n_shuffles", "dashboards"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative integer")
         for name in ("epochs", "lr", "l1_coefficient"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -187,7 +207,7 @@ def load(ctx: StepContext) -> dict:
 
 # ---- the step ----------------------------------------------------------------------------------
 @register_step(3, "sae", requires=(1, 2), title="Sparse autoencoders: features and task variables", load=load,
-               options=Options, version=1)
+               options=Options, version=2)
 def run(ctx: StepContext) -> StepResult:
     from mamba_interp.pipeline.task_variables import expand_variables, task_variables
 
@@ -220,9 +240,10 @@ def run(ctx: StepContext) -> StepResult:
         histories[key] = sae.training_history
         m_eval = sae_metrics(sae, x_eval)
         m_train = sae_metrics(sae, x_train)
-        hooks_fn = splice_hooks(sae, x_train.double().mean(0).float())
         name = hook_name(hook, layer)
-        losses = {kind: target_loss(ctx.model, ev, ctx.batch_size, [(name, fn)]) for kind, fn in hooks_fn.items()}
+        losses = {kind: target_loss(ctx.model, ev, ctx.batch_size, [(name, fn)])
+                  for kind, fn in ablation_hooks(x_train.double().mean(0).float()).items()}
+        losses["spliced"] = target_loss(ctx.model, ev, ctx.batch_size, saes={name: sae})
         lr_ = loss_recovered(clean, losses["spliced"], losses["zero"], losses["mean"])
         f = encode_activations(sae, x_eval)  # (N_eval, m)
         features_eval[key] = f
@@ -247,12 +268,18 @@ def run(ctx: StepContext) -> StepResult:
                      metadata={"order": json.dumps(list(trained))})
     best = best_by_variable(correlations, base_of)
     ctx.save_json("correlations", {"variables": base_of, "by_sae": correlations})
-    top = top_examples(ctx, best, features_eval, data, opts.top_examples)
-    ctx.save_json("top_examples", top)
+    ctx.save_json("top_examples", top_examples(ctx, best, features_eval, data, opts.top_examples))
+    if opts.dashboards:
+        started = time.process_time()
+        cards = sae_dashboards.build_dashboards(ctx, trained, features_eval, data, correlations, variables,
+                                                opts.dashboards, opts.dashboard_sequences, opts.top_examples)
+        ctx.save_json(sae_dashboards.FILE, cards)
+        ctx.log.info("feature dashboards: %d cards in %.1f s of CPU time", len(cards), time.process_time() - started)
     if ctx.config.figures:
-        draw_figures(ctx, trained, per_sae, histories, best, correlations, base_of, features_eval, variables, top)
+        draw_figures(ctx, trained, per_sae, histories, best, correlations, base_of, features_eval, variables,
+                     opts.architecture)
     # the SAE folders were written by save_sae: list their files
-    artifacts = [f"sae_{k}/{f}" for k in trained for f in ("cfg.json", "sae.safetensors")]
+    artifacts = [f"sae_{k}/{f}" for k in trained for f in ("cfg.json", WEIGHTS_FILENAME)]
     metrics: dict[str, Any] = {
         "split": data.split,
         "train_tokens": int(data.train.mask.sum()),
@@ -267,8 +294,26 @@ def run(ctx: StepContext) -> StepResult:
     if best:
         top_var = max(best, key=lambda v: best[v]["abs_r"])
         metrics["best_match"] = {"base_variable": top_var, **best[top_var]}
+    metrics["warnings"] = _warnings(per_sae, metrics["eval_tokens"])
     return StepResult(metrics=metrics, reading=_reading(opts, metrics), artifacts=artifacts,
                       data={"saes": trained, "options": opts})
+
+
+def _warnings(saes: dict[str, dict], eval_tokens: int) -> list[str]:
+    """What a reader must notice about the SAEs, one sentence each."""
+    out = []
+    dead = {k: s for k, s in saes.items() if s["dead_fraction"] >= DEAD_WARNING}
+    for key, s in dead.items():
+        out.append(f"{key}: {fmt_pct(s['dead_fraction'])} of its {s['d_sae']} latents never fire on the {eval_tokens} "
+                   f"held-out tokens (a narrower SAE or more training tokens would use them).")
+    for key, s in saes.items():
+        if s["fvu"] > FVU_WARNING:
+            out.append(f"{key}: the SAE leaves {fmt_pct(s['fvu'])} of the variance unexplained (FVU {s['fvu']:.3f}), "
+                       "so its latents are not a faithful description of the activation.")
+        if s["ablation_effect"] >= MIN_ABLATION_EFFECT and s["recovered_vs_mean"] < RECOVERED_WARNING:
+            out.append(f"{key}: spliced in, it recovers only {fmt_pct(s['recovered_vs_mean'])} of the loss lost to "
+                       f"mean ablation (loss {s['spliced_loss']:.3f} vs clean {s['clean_loss']:.3f}).")
+    return out
 
 
 def _reading(opts: Options, m: dict[str, Any]) -> str:
@@ -283,6 +328,10 @@ def _reading(opts: Options, m: dict[str, Any]) -> str:
         f"{m['eval_tokens']} held-out tokens their FVU is {min(fvu):.3f}–{max(fvu):.3f} with "
         f"{fmt_range(dead)} dead latents."
     ]
+    mostly_dead = {k: s["dead_fraction"] for k, s in saes.items() if s["dead_fraction"] >= DEAD_WARNING}
+    if mostly_dead:
+        parts.append(f"At least {fmt_pct(DEAD_WARNING)} of the latents are dead in "
+                     + ", ".join(f"{k} ({fmt_pct(v)})" for k, v in mostly_dead.items()) + ".")
     if rec:
         worst = min(rec, key=rec.get)
         parts.append(
