@@ -4,6 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# test processes (pytest-xdist); one torch thread each. JOBS=1 runs the suite in one process
+JOBS ?= 2
+XDIST := $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
 
 .PHONY: run test test-slow bench setup
 
@@ -19,10 +22,10 @@ run: $(STAMP)
 	$(PY) mamba_mechanistic_analysis.py $(ARGS)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) $(ARGS)
 
 test-slow: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) -m "slow or not slow" $(ARGS)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/bench_model.py $(ARGS)

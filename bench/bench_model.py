@@ -48,7 +48,7 @@ def build(arch: str):
     torch.manual_seed(0)
     if arch == "mamba1":
         hf = tf.MambaForCausalLM(tf.MambaConfig(**common))
-    else:  # chunk 64: transformers' fastest CPU setting (style.md B6)
+    else:  # chunk 64: transformers' fastest CPU setting (docs/performance.md)
         hf = tf.Mamba2ForCausalLM(tf.Mamba2Config(num_heads=8, head_dim=64, n_groups=1, chunk_size=64,
                                                   tie_word_embeddings=True, **common))
     hf.eval()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mamba_interp.pipeline import interrupts
-from mamba_interp.pipeline.config import DTYPES, HOOK_CHOICES, SCAN_IMPLS, UsageError
+from mamba_interp.pipeline.config import DTYPES, EXECUTORS, HOOK_CHOICES, SCAN_IMPLS, STORES, UsageError
 
 PROG = "mamba-interp"
 SUBCOMMANDS = ("run", "train", "list-steps", "list-models", "report")
@@ -66,6 +66,18 @@ def _run_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no-save-activations", dest="save_activations", action="store_false", default=None,
                    help="do not write step 2's activations.safetensors")
     p.add_argument("--quiet", "-q", action="store_true", default=None, help="no per-step lines or progress bars")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="validate and print the memory plan (peak memory, disk, CPU time per step), write nothing")
+    p.add_argument("--activation-store", dest="activation_store", choices=STORES,
+                   help="keep activations in memory, on disk (streamed in chunks), or auto (default: disk when they "
+                   "would not fit comfortably)")
+    p.add_argument("--executor", choices=EXECUTORS,
+                   help="run independent units (SAEs per layer and hook, ...) locally or on Ray (default local)")
+    p.add_argument("--ray-address", dest="ray_address", help="join a running Ray cluster (with --executor ray)")
+    p.add_argument("--corpus", help="a text file (one document per line) or .jsonl with a 'text' field: steps 2-4 "
+                   "of a language model analyse its context windows of --seq-len tokens")
+    p.add_argument("--tokens", type=int, help="token budget read from --corpus: tokens // seq-len windows (default: "
+                   "--samples windows)")
     p.add_argument("--list-steps", action="store_true", help="list the implemented steps and exit")
     return p
 
@@ -138,18 +150,24 @@ def cmd_run(argv: list[str], prog: str = f"{PROG} run") -> int:
         return 0
     base_options = read_config_file(args.config).get("step_options", {}) if args.config else {}
     fields = ("model", "layers", "samples", "seq_len", "batch_size", "steps", "output", "device", "dtype",
-              "scan_impl", "seed", "threads", "resume", "task", "hooks", "figures", "save_activations", "quiet")
+              "scan_impl", "seed", "threads", "resume", "task", "hooks", "figures", "save_activations", "quiet",
+              "activation_store", "executor", "ray_address", "corpus", "tokens")
     overrides = {k: getattr(args, k) for k in fields}
     overrides["step_options"] = _step_options(args.option, base_options if isinstance(base_options, dict) else {})
     cfg = build_config(args.config, **overrides)
     echo = (lambda line: None) if cfg.quiet else print_line
-    runner = Runner(cfg, echo=echo, argv=[prog.split()[0], *prog.split()[1:], *argv])
+    runner = Runner(cfg, echo=echo, argv=[prog.split()[0], *prog.split()[1:], *argv], dry_run=args.dry_run)
     runner.prepare()
+    if args.dry_run:
+        print_line(runner.plan.format())
+        print_line(f"dry run: nothing was written (the output would be {runner.out_dir})")
+        return 0
     if not cfg.quiet:
         src = runner.source
         print_line(f"mamba_interp: model {src.name} ({src.kind}, {src.model.cfg.arch}, {src.model.cfg.n_layer} "
                    f"layers) on {runner.device}; layers {','.join(map(str, runner.layers))}; steps "
                    f"{','.join(map(str, runner.planned))}; output {runner.out_dir}")
+        print_line(runner.plan.format())
     try:
         summary = runner.run()
     except KeyboardInterrupt as exc:

@@ -1,4 +1,4 @@
-"""Classical sparse dictionary learning next to the SAE (sparse_coding.md §6).
+"""Classical sparse dictionary learning next to the SAE (Mairal et al. 2009 via scikit-learn; docs/architecture.md).
 
 * ``fit_dictionary``: scikit-learn's ``MiniBatchDictionaryLearning`` (Mairal et al. 2009), which solves
   min_{D,C} ½‖X − C D‖²_F + α‖C‖₁ subject to ‖D_k‖₂ ≤ 1 with iterative (non-amortised) inference per sample.

@@ -10,6 +10,6 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # style.md B4: 2-thread runs are slower on a contended 2-core box; pin 1 thread for stable timings
+    # 2-thread runs are slower on a contended 2-core box; pin 1 thread for stable timings
     torch.set_num_threads(1)
     yield

@@ -2,8 +2,8 @@
 
 Block structure as transformers' ``MambaBlock``/``Mamba2Block`` (pre-norm, ``residual + mixer(norm(residual))``,
 residual kept in float32 when ``residual_in_fp32``). This equals state-spaces' fused Add→Norm→Mixer block whose
-true residual is ``hidden + residual`` (``mamba.md`` §1.3), so ``blocks.i.hook_resid_pre`` is the residual stream
-itself. Index letters: see ``models/config.py``.
+true residual is ``hidden + residual``, so ``blocks.i.hook_resid_pre`` is the residual stream itself.
+Index letters: see ``models/config.py``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Block(nn.Module):
 
 
 class HookedMamba(HookedRootModule):
-    """Mamba-1 or Mamba-2 LM with a hook point on every activation (DESIGN.md §3).
+    """Mamba-1 or Mamba-2 LM with a hook point on every activation (hook table: docs/hooks.md).
 
     >>> model = HookedMamba(MambaConfig(arch="mamba2", d_model=64, n_layer=2, headdim=16))
     >>> logits, cache = model.run_with_cache(tokens, names_filter="blocks.*.mixer.hook_dt")

@@ -239,7 +239,7 @@ class HookedRootModule(nn.Module):
 
         The cache records each activation *after* the ``fwd_hooks`` passed here, i.e. the value that flowed
         downstream; for a ``fwd_hooks`` hook that substitutes ``hook_ssm_state`` that is the tensor the hook returned
-        (the recurrence continues from it, DESIGN.md §3). ``device`` moves cached tensors (e.g. ``"cpu"`` to keep GPU
+        (the recurrence continues from it, docs/hooks.md). ``device`` moves cached tensors (e.g. ``"cpu"`` to keep GPU
         memory free); ``detach=False`` keeps them in the autograd graph.
 
         ``incl_bwd=True`` also caches the gradient of ``backward_fn(output)`` (a scalar; default: the output, which

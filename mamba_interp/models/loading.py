@@ -1,4 +1,5 @@
-"""Checkpoint loading and saving (``mamba.md`` §4).
+"""Checkpoint loading and saving (transformers' format and
+the state-spaces ``config.json`` + ``pytorch_model.bin`` format).
 
 Two on-disk formats are read:
 

@@ -1,6 +1,6 @@
 """The materialised state path: used when a hook reads or writes ``hook_dA`` / ``hook_ssm_state``.
 
-State substitution (DESIGN.md §3): a hook on ``hook_ssm_state`` that returns a changed tensor substitutes the
+State substitution (docs/hooks.md): a hook on ``hook_ssm_state`` that returns a changed tensor substitutes the
 state at every (batch, position) where it differs, and the recurrence continues from it. A substituted
 position is a *reset* of the recurrence — decay 0, input = the new state — so the same linear recurrence
 reproduces exactly a step loop that overwrites h_t, and gradients flow into the substituted values.

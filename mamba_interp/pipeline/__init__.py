@@ -10,7 +10,7 @@ Running
 
 or through ``mamba_interp.experimental_framework.MambaMechanisticAnalyzer`` (the same runner).
 
-Outputs (DESIGN.md §4): ``OUT/manifest.json``, ``OUT/run.log``, ``OUT/step_NN_<name>/result.json`` (+ figures and
+Outputs (docs/outputs.md): ``OUT/manifest.json``, ``OUT/run.log``, ``OUT/step_NN_<name>/result.json`` (+ figures and
 files), ``OUT/report.html``; ``OUT/run.lock`` while a run holds the folder, ``OUT/stale/<timestamp>/`` for an
 earlier configuration's results. See ``runner.py`` for the guarantees (atomic results, resume, one run per
 folder, failures, interruption, OOM).
@@ -60,7 +60,7 @@ The contract, in detail:
 
 * ``register_step(number, name, requires=(...), title=..., load=None, options=None, version=1, default=True,
   reads=None)``.
-  ``number`` keeps the methodology's numbering (DESIGN.md §5); ``name`` is lower_snake_case and names the folder
+  ``number`` keeps the methodology's numbering (README's step table); ``name`` is lower_snake_case and names the folder
   ``step_NN_<name>``. ``requires`` lists the steps whose in-memory data the step reads; they run first (or are
   reused from disk when not selected / on ``--resume``). Requirements are transitive; 1 requires 0.
 * ``ctx`` (:class:`StepContext`): ``model`` (a ``HookedMamba`` on ``ctx.device``, eval mode), ``config``
@@ -72,6 +72,11 @@ The contract, in detail:
   ``results[n]`` (earlier :class:`StepResult`), ``data(n)`` (earlier steps' in-memory data), ``metrics(n)``,
   ``progress(iterable, total=, desc=)``, ``log`` (to ``OUT/run.log``), ``save_figure(fig, name)``,
   ``save_tensors(name, dict)``, ``save_json(name, obj)``, ``path(name)``.
+* Independent units of work (an SAE per (layer, hook), a probe per (layer, hook, variable), a patching sweep per
+  site, a decomposition per layer) go through ``ctx.executor.map(fn, units, desc=...)``: ``fn(worker, unit)`` is a
+  module-level function (``worker.model``, ``worker.device``), each unit carries its data and its own seed, and the
+  results come back in the order of the units, identical under ``--executor local`` and ``--executor ray``
+  (``pipeline/executor.py``; step 3's ``train_unit`` is the example).
 * Return a :class:`StepResult` (``metrics``, ``reading``, ``artifacts``, ``data``). Raise :class:`StepSkipped`
   ("needs a Mamba-2 model") when the step does not apply; any other exception marks it failed (recorded with the
   traceback) and steps requiring it are skipped, while the rest of the run continues.

@@ -29,8 +29,12 @@ HOOK_CHOICES = (
 )
 DEFAULT_HOOKS = ("resid_post", "x", "dt", "B", "C", "y", "gate", "state_norm")
 
+STORES = ("auto", "memory", "disk")  # pipeline/activation_store.py
+EXECUTORS = ("local", "ray")  # pipeline/executor.py
+
 # Fields that change where or how a run is shown, not what it computes: left out of every resume key.
-NON_RESULT_FIELDS = ("output", "resume", "steps", "device", "quiet", "threads")
+NON_RESULT_FIELDS = ("output", "resume", "steps", "device", "quiet", "threads", "activation_store", "executor",
+                     "ray_address")
 ALWAYS_READ = ("seed", "dtype", "scan_impl")
 """Fields in every step's resume key: each step runs seeded from ``seed``, on the model cast to ``dtype``, through
 the chosen scan, whether or not it reads them."""
@@ -150,6 +154,12 @@ class RunConfig:
     often fastest."""
     task: str | None = None
     """Task generator for models that do not carry one (a zoo model's card names its task)."""
+    corpus: str | None = None
+    """A text corpus for a language model: a text file (one document per line) or ``.jsonl`` with a ``text``
+    field. Step 1 tokenises it into context windows of ``seq_len`` tokens, which steps 2–4 analyse instead of the
+    synthetic prompt sets (``pipeline/corpus.py``)."""
+    tokens: int | None = None
+    """Token budget read from ``corpus``: ``tokens // seq_len`` windows (instead of ``samples``)."""
     hooks: tuple[str, ...] = DEFAULT_HOOKS
     """Short hook names step 2 collects (see ``HOOK_CHOICES``)."""
     figures: bool = True
@@ -162,6 +172,15 @@ class RunConfig:
     """A dimension is an outlier when its RMS exceeds this multiple of the median dimension's RMS."""
     resume: bool = False
     quiet: bool = False
+    activation_store: str = "auto"
+    """Where step 2 (and steps collecting more) keep activations: ``memory``, ``disk`` (one safetensors file per
+    (layer, hook), written as collected, read in chunks), or ``auto`` (disk when they would not fit comfortably in
+    memory). Both give identical numbers."""
+    executor: str = "local"
+    """How independent units of work (SAEs per (layer, hook), ...) run: ``local`` (in this process, in order) or
+    ``ray`` (one Ray actor per device; ``pip install mamba-interp[distributed]``). Results are identical."""
+    ray_address: str | None = None
+    """Address of a running Ray cluster to join (``ray start --head``); None starts a local one."""
     step_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-step options by step name, e.g. ``{"sae": {"expansion": 8}}``; each step validates its own (every
     registered step's, whether or not it runs)."""
@@ -193,6 +212,14 @@ class RunConfig:
         if bad:
             _fail(f"hook {bad[0]!r} is unknown; choose from {', '.join(HOOK_CHOICES)}")
         object.__setattr__(self, "hooks", tuple(dict.fromkeys(hooks)))
+        if self.activation_store not in STORES:
+            _fail(f"activation_store={self.activation_store!r} is unknown; use one of {', '.join(STORES)}")
+        if self.executor not in EXECUTORS:
+            _fail(f"executor={self.executor!r} is unknown; use one of {', '.join(EXECUTORS)}")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            _fail(f"ray_address={self.ray_address!r} must be a cluster address such as 10.0.0.5:6379 or auto")
+        if self.ray_address is not None and self.executor != "ray":
+            _fail("--ray-address needs --executor ray")
         for name in ("figures", "save_activations", "resume", "quiet"):
             if not isinstance(getattr(self, name), bool):
                 _fail(f"{name}={getattr(self, name)!r} must be true or false")
@@ -202,6 +229,17 @@ class RunConfig:
                 _fail(f"{name}={value!r} must be a positive number")
         if self.outlier_ratio <= 1:
             _fail(f"outlier_ratio={self.outlier_ratio} must be > 1 (a multiple of the median RMS)")
+        if self.tokens is not None:
+            _check_int("tokens", self.tokens, 2, "pass --tokens with a positive token budget, e.g. 1000000")
+            if self.corpus is None:
+                _fail("--tokens is the token budget of --corpus; pass --corpus FILE as well")
+        if self.corpus is not None:
+            if not isinstance(self.corpus, (str, Path)) or not str(self.corpus).strip():
+                _fail(f"corpus={self.corpus!r} must be the path of a text or .jsonl file")
+            object.__setattr__(self, "corpus", str(self.corpus))
+            if not Path(self.corpus).expanduser().is_file():
+                _fail(f"corpus file {self.corpus!r} does not exist; pass a text file (one document per line) or "
+                      f".jsonl with a 'text' field")
         if self.task is not None and not isinstance(self.task, str):
             _fail(f"task={self.task!r} must be a task name")
         if self.output is not None and not isinstance(self.output, (str, Path)):

@@ -120,6 +120,17 @@ class StepContext:
     options: Any = None
     _data: Mapping[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     _artifacts: list[str] = field(default_factory=list, repr=False)
+    _executor: Any = field(default=None, repr=False)
+    """The run's executor for ``--executor ray`` (made by the runner on first use), else None."""
+
+    @property
+    def executor(self) -> Any:
+        """Runs independent units of work: ``ctx.executor.map(fn, units, desc=...)`` (``pipeline/executor.py``)."""
+        if self._executor is not None:
+            return self._executor()
+        from mamba_interp.pipeline.executor import LocalExecutor
+
+        return LocalExecutor(self.model, self.device, self.progress)
 
     def _declared(self, name: str) -> None:
         if name in CONTEXT_FIELDS and name not in self.step.key_fields:

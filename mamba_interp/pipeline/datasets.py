@@ -58,9 +58,15 @@ def repeated_tokens(vocab_size: int, n: int, seq_len: int, seed: int, low: int =
     return repeated_block_batch(block, [], task="repeated_tokens")
 
 
-def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int) -> Datasets:
-    """Task batches for a task model; else repeated random tokens plus (with a tokenizer) text prompt sets."""
+def build_datasets(source: Any, samples: int, seq_len: int | None, seed: int, corpus: str | None = None,
+                   tokens: int | None = None) -> Datasets:
+    """Task batches for a task model; else repeated random tokens plus (with a tokenizer) text prompt sets; with a
+    ``corpus``, its context windows (``pipeline/corpus.py``: ``tokens // seq_len`` windows, else ``samples``) are
+    the primary dataset instead of the synthetic ones."""
     from mamba_interp.tasks import get_task
+
+    if corpus is not None:
+        return _corpus_datasets(source, corpus, samples, seq_len or DEFAULT_LM_LEN, tokens, seed)
 
     if source.task is not None:
         task = get_task(source.task, **source.task_params)
@@ -106,6 +112,24 @@ Scorer = Callable[[torch.Tensor, TaskBatch], torch.Tensor]
 """``(logits [b, l, v], batch of those b examples) -> [b]``, e.g. ``IOITask.logit_diff``."""
 
 
+def _corpus_datasets(source: Any, corpus: str, samples: int, seq_len: int, tokens: int | None,
+                     seed: int) -> Datasets:
+    from mamba_interp.pipeline.corpus import corpus_batch
+
+    tok = source.tokenizer()
+    if tok is None:
+        raise ValueError(f"--corpus needs the model's tokenizer, which did not load ({source.tokenizer_error})")
+    windows = samples if tokens is None else max(1, tokens // seq_len)
+    batch, note = corpus_batch(corpus, tok, seq_len, windows)
+    vocab = source.model.cfg.vocab_size
+    if int(batch.tokens.max()) >= vocab:
+        raise ValueError(f"the tokenizer's ids exceed the model's vocabulary ({vocab}); use the model's own tokenizer")
+    lm = build_datasets(source, samples, seq_len, seed)  # the prompt sets, scored beside the corpus
+    sets = {"corpus": batch, **{n: b for n, b in lm.sets.items() if n in TEXT_SETS}}
+    return Datasets("lm", "corpus", sets, heldout=None, notes=[note, *lm.notes],
+                    tasks={"corpus": None, **{n: t for n, t in lm.tasks.items() if n in sets}})
+
+
 @torch.no_grad()
 def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None,
              scorers: dict[str, Scorer] | None = None) -> dict[str, Any]:
@@ -114,7 +138,12 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
     whether every scored position is right (``example_correct``), the mean cross-entropy over its targets
     (``example_loss``, NaN without one), the fraction of its scored positions that are right
     (``example_accuracy``, NaN without one), the argmax at the last scored position (``prediction``), and each of
-    ``scorers`` (under ``scores``). Runs under any hooks attached with ``model.hooks(...)``."""
+    ``scorers`` (under ``scores``). Runs under any hooks attached with ``model.hooks(...)``.
+
+    Full-vocabulary logits are formed only at the scored positions (``pipeline/logits.py``); a scorer reads the
+    logits [b, l, v] of its batch, so only sets with scorers (short prompts such as IOI) pay for them."""
+    from mamba_interp.pipeline.logits import score_positions
+
     device = next(model.parameters()).device
     b = len(batch)
     correct_pos = total_pos = 0
@@ -131,16 +160,16 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         sl = slice(s, s + batch_size)
         ids = batch.tokens[sl].to(device)
         mask = None if batch.attention_mask is None else batch.attention_mask[sl].to(device)
-        logits = model(ids, attention_mask=mask).float()  # (b, l, v)
         targets = batch.targets[sl].to(device)
         emask = batch.eval_mask[sl].to(device)
         scored = targets != IGNORE
-        logp = torch.log_softmax(logits, -1)
-        tgt = targets.clamp(min=0)
-        lp = logp.gather(-1, tgt[..., None])[..., 0]  # (b, l)
+        # full-vocabulary logits only at the positions scored (pipeline/logits.py)
+        select = scored | emask
+        lp_sel, pred_sel = score_positions(model, ids, targets, select, attention_mask=mask)
+        lp = torch.zeros(targets.shape, device=device).masked_scatter_(select, lp_sel)  # (b, l)
+        pred = torch.full(targets.shape, -1, dtype=torch.long, device=device).masked_scatter_(select, pred_sel)
         loss_sum += float(-(lp * scored).sum())
         loss_n += int(scored.sum())
-        pred = logits.argmax(-1)  # (b, l)
         hit = (pred == targets) & emask
         correct_pos += int(hit.sum())
         total_pos += int(emask.sum())
@@ -153,8 +182,10 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         n_t, n_e = scored.sum(-1), emask.sum(-1)
         example_loss[sl] = torch.where(n_t > 0, -(lp * scored).sum(-1) / n_t.clamp(min=1), torch.nan).double().cpu()
         example_acc[sl] = torch.where(n_e > 0, hit.sum(-1) / n_e.clamp(min=1), torch.nan).double().cpu()
-        for name, fn in (scorers or {}).items():
-            scores[name][sl] = fn(logits, batch.select(sl)).double().cpu()
+        if scorers:
+            logits = model(ids, attention_mask=mask)  # (b, l, v)
+            for name, fn in scorers.items():
+                scores[name][sl] = fn(logits, batch.select(sl)).double().cpu()
     return {
         "accuracy": correct_pos / max(total_pos, 1),
         "loss": loss_sum / max(loss_n, 1),

@@ -46,11 +46,16 @@ class StepRecord:
     duration_s: float | None = None
     resumed: bool = False
     reason: str | None = None
+    peak_rss_mb: float | None = None
+    """Peak resident memory of the process while the step ran (Linux; ``resources.peak_rss``)."""
+    cpu_s: float | None = None
+    """CPU time of the process (all threads) while the step ran: the cost independent of other load."""
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step.number, "name": self.step.name, "title": self.step.title, "status": self.status,
-                "duration_s": self.duration_s, "resumed": self.resumed, "reason": self.reason,
-                "folder": self.step.folder_name}
+                "duration_s": self.duration_s, "cpu_s": self.cpu_s, "peak_rss_mb": self.peak_rss_mb,
+                "resumed": self.resumed,
+                "reason": self.reason, "folder": self.step.folder_name}
 
 
 @dataclass
@@ -108,7 +113,7 @@ class ResultStore:
 
     def write(self, step: Step, status: str, started: str, duration: float, result: StepResult | None,
               ctx: StepContext | None, fallbacks: list[dict], device: torch.device, error: dict | None = None,
-              reason: str | None = None) -> None:
+              reason: str | None = None, peak_rss_mb: float | None = None, cpu_s: float | None = None) -> None:
         """Write the step's ``result.json`` atomically; ``device`` is the run's (used when there is no ``ctx``)."""
         artifacts: list[str] = []
         if result is not None:
@@ -119,6 +124,8 @@ class ResultStore:
             "title": step.title,
             "status": status,
             "duration_s": round(duration, 3),
+            "cpu_s": cpu_s,
+            "peak_rss_mb": peak_rss_mb,
             "started_at": started,
             "finished_at": now(),
             "config": self.config.to_dict(),

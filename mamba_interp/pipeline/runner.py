@@ -1,4 +1,4 @@
-"""The pipeline runner: validates a run, executes the selected steps and writes every output (DESIGN.md §4).
+"""The pipeline runner: validates a run, executes the selected steps and writes every output (docs/outputs.md).
 
 Output layout::
 
@@ -54,6 +54,8 @@ from mamba_interp.pipeline.config import RunConfig, UsageError
 from mamba_interp.pipeline.context import ConfigView, StepContext, StepResult
 from mamba_interp.pipeline.fallback import OOMFallback
 from mamba_interp.pipeline.interrupts import describe as describe_interrupt
+from mamba_interp.pipeline.memory_plan import MemoryPlan, make_plan
+from mamba_interp.pipeline.resources import peak_rss, reset_peak_rss
 from mamba_interp.pipeline.model_source import ModelSource, load_model_source
 from mamba_interp.pipeline.output_folder import RunLock, check_output_folder, make_output_folder, move_to_stale
 from mamba_interp.pipeline.registry import (
@@ -87,25 +89,33 @@ class Runner:
     """
 
     def __init__(self, config: RunConfig, echo: Callable[[str], None] | None = None,
-                 argv: list[str] | None = None, source: ModelSource | None = None) -> None:
+                 argv: list[str] | None = None, source: ModelSource | None = None, dry_run: bool = False) -> None:
         if not isinstance(config, RunConfig):
             raise TypeError(f"Runner needs a RunConfig, got {type(config).__name__}")
         self.config = config
         self.echo = echo if echo is not None else (lambda line: None)
         self.argv = list(argv) if argv is not None else None
         self.source: ModelSource | None = source
+        self.dry_run = dry_run
+        """Only validate and plan: :meth:`prepare` writes nothing and :meth:`run` refuses to run."""
+        self.plan: MemoryPlan | None = None
         self.prepared = False
         self.results: dict[int, StepResult] = {}
         self.data: dict[int, dict[str, Any]] = {}
         self.records: dict[int, StepRecord] = {}
         self._log_handler: logging.Handler | None = None
+        self._peak_reset = False
+        self._cpu0: float | None = None
+        self._executor: Any = None
         self._lock: RunLock | None = None
         self._manifest_created = now()
         self._status = "running"
 
     # ---- preparation: everything that can fail on bad input, before anything is written ------------
     def prepare(self) -> Runner:
-        if self.prepared:
+        """Validate everything and make the memory plan (a step that cannot fit is a :class:`UsageError`), then,
+        unless ``dry_run``, create the output folder, take its lock and write the manifest."""
+        if self.prepared or (self.dry_run and self.plan is not None):
             return self
         cfg = self.config
         if cfg.resume and cfg.output is None:
@@ -154,16 +164,27 @@ class Runner:
             raise UsageError(
                 f"hook {bad_hooks[0]!r} does not exist in {model.cfg.arch}; choose from {', '.join(allowed)}"
             )
+        if cfg.corpus is not None and (self.source.task is not None or self.source.tokenizer() is None):
+            why = (f"model {self.source.name!r} is a {self.source.task} task model" if self.source.task is not None
+                   else f"model {self.source.name!r} has no tokenizer ({self.source.tokenizer_error})")
+            raise UsageError(f"--corpus needs a language model with a tokenizer, but {why}; drop --corpus or save "
+                             f"the tokenizer into the model folder")
         self.out_dir = Path(cfg.output).expanduser() if cfg.output else self._default_output()
         check_output_folder(self.out_dir)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        model.to(device=self.device, dtype=self.dtype).eval()
+        self.plan = make_plan(cfg, self.source, self.layers, self.planned, self.options, self.device, self.out_dir)
+        problems = self.plan.problems()
+        if problems:
+            raise UsageError(problems[0])
+        if self.dry_run:
+            return self
         # validation is over: from here on the run may write
         make_output_folder(self.out_dir)
         self._lock = RunLock(self.out_dir)
         self._lock.acquire(" ".join(self.argv) if self.argv else f"python (pid {os.getpid()})")
         try:
-            if cfg.threads is not None:
-                torch.set_num_threads(cfg.threads)
-            model.to(device=self.device, dtype=self.dtype).eval()
             self.fingerprint = model.fingerprint()
             self.keys = ResumeKeys(cfg, self.options, self.fingerprint, self.layers, self.source)
             self.store = ResultStore(self.out_dir, cfg, self.fingerprint, self.layers, self.keys)
@@ -178,6 +199,7 @@ class Runner:
             self.prepared = True
             logger.info("run prepared: model %s (%s), device %s, layers %s, steps %s, output %s", self.source.name,
                         self.fingerprint, self.device, list(self.layers), self.planned, self.out_dir)
+            logger.info("%s", self.plan.format())
             self.write_manifest()
         except BaseException:
             self.close()
@@ -228,7 +250,11 @@ class Runner:
         self._log_handler = handler
 
     def close(self) -> None:
-        """Detach the log file and release the output folder (the runner stays usable for reading results)."""
+        """Detach the log file, stop a Ray executor and release the output folder (the runner stays usable for
+        reading results)."""
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
         if self._log_handler is not None:
             root = logging.getLogger("mamba_interp")
             root.removeHandler(self._log_handler)
@@ -261,6 +287,7 @@ class Runner:
             "dtype": self.config.dtype,
             "model": {**src.describe(), "fingerprint": self.fingerprint},
             "layers": list(self.layers),
+            "memory_plan": self.plan.to_dict() if self.plan is not None else None,
             "steps": [r.to_json() | {"result_key": self.keys.key(r.step)} for r in self.records.values()],
         }
 
@@ -271,11 +298,14 @@ class Runner:
                       ctx: StepContext | None, fallbacks: list[dict], error: dict | None = None,
                       reason: str | None = None) -> None:
         self.store.write(step, status, started, duration, result, ctx, fallbacks, self.device, error=error,
-                         reason=reason)
+                         reason=reason, peak_rss_mb=self.records[step.number].peak_rss_mb,
+                         cpu_s=self.records[step.number].cpu_s)
 
     # ---- execution ---------------------------------------------------------------------------
     def run(self, steps: Iterable[int] | None = None) -> RunSummary:
         """Run the configured steps (or ``steps``, with their requirements); write the report; return a summary."""
+        if self.dry_run:
+            raise RuntimeError("this Runner was made with dry_run=True: it only plans (see .plan)")
         self.prepare()
         selected = list(self.selected) if steps is None else [get_step(n).number for n in steps]
         planned = with_requirements(selected)
@@ -364,7 +394,17 @@ class Runner:
             _layers=self.layers,
             results=self.results, log=logging.getLogger(f"mamba_interp.pipeline.{step.folder_name}"),
             options=self.options.get(step.number), _data=self.data,
+            _executor=self._ray_executor if self.config.executor == "ray" else None,
         )
+
+    def _ray_executor(self) -> Any:
+        """The run's Ray executor, started on first use (one actor per device, each with the model)."""
+        if self._executor is None:
+            from mamba_interp.pipeline.executor import make_executor
+
+            self._executor = make_executor("ray", self.source.model, self.device, address=self.config.ray_address)
+            logger.info("Ray executor: %d actor(s)", self._executor.devices)
+        return self._executor
 
     def _move_model(self, device: torch.device) -> None:
         self.source.model.to(device)
@@ -380,6 +420,8 @@ class Runner:
         record.status, record.resumed, record.reason = "running", False, None
         self.write_manifest()
         started, t0 = now(), time.perf_counter()
+        self._cpu0 = time.process_time()
+        self._peak_reset = reset_peak_rss()
         ctx: StepContext | None = None
         fallback = OOMFallback(self.device, self.config.batch_size)
         try:
@@ -428,6 +470,12 @@ class Runner:
         """Record the end of a step: ``result.json`` (a failure to write it fails the step), record, manifest."""
         self._restore_device()
         duration = time.perf_counter() - t0
+        peak = peak_rss() if getattr(self, "_peak_reset", False) else None
+        self._peak_reset = False
+        record = self.records[step.number]
+        record.peak_rss_mb = None if peak is None else round(peak / 2**20, 1)
+        record.cpu_s = round(time.process_time() - self._cpu0, 2) if self._cpu0 is not None else None
+        self._cpu0 = None
         try:
             self._write_result(step, status, started, duration, result, ctx, fallbacks, error=error,
                                reason=None if status == "failed" else reason)
@@ -445,7 +493,8 @@ class Runner:
             self.results[step.number] = result
             self.data[step.number] = result.data
             note = f" [{len(fallbacks)} OOM fallback(s)]" if fallbacks else ""
-            self.echo(f"step {step.number:>2} {step.name:<14} completed in {duration:6.1f} s{note}")
+            peak_note = f", peak RSS {record.peak_rss_mb:.0f} MB" if record.peak_rss_mb is not None else ""
+            self.echo(f"step {step.number:>2} {step.name:<14} completed in {duration:6.1f} s{peak_note}{note}")
             logger.info("%s completed in %.2f s", step.label, duration)
         elif status == "skipped":
             self.echo(f"step {step.number:>2} {step.name:<14} skipped: {reason}")

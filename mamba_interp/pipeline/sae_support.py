@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_interp.pipeline.activation_stats import STATE_NORM, ActivationSet, collect_activations, hook_name
+from mamba_interp.pipeline.activation_stats import STATE_NORM, ActivationSet, hook_name
+from mamba_interp.pipeline.activation_store import collect_for_run
 from mamba_interp.pipeline.config import HOOK_CHOICES
 from mamba_interp.pipeline.context import StepContext
 from mamba_interp.sparse_autoencoder import (
+    ActivationChunks,
     SAEConfig,
     SparseAutoencoder,
     feature_variable_correlation,
@@ -69,11 +70,6 @@ class SAEActivations:
     """``"heldout"`` (step 1's fresh sequences) or ``"sequences"`` (the last part of the primary dataset)."""
 
 
-def _subset(acts: ActivationSet, rows: slice) -> ActivationSet:
-    return ActivationSet({k: v[rows] for k, v in acts.acts.items()}, dict(acts.shapes), acts.mask[rows],
-                         acts.layers, acts.hooks)
-
-
 def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int, ...],
                     eval_fraction: float) -> SAEActivations:
     """Step 2's activations of the primary dataset for training (collected afresh for hooks step 2 skipped),
@@ -83,45 +79,48 @@ def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int,
     batch, heldout = ds["batch"], ds.get("heldout")
     acts = ctx.data(2)["activations"]
 
-    def collect(b):
-        return collect_activations(ctx.model, b.tokens, layers, hooks, ctx.batch_size,
-                                   attention_mask=b.attention_mask,
-                                   progress=lambda it: ctx.progress(it, desc="collecting"))
+    def collect(b, folder):
+        return collect_for_run(ctx, b, layers, hooks, folder)
 
     if any((h, i) not in acts.acts for h in hooks for i in layers):
-        acts = collect(batch)
+        acts = collect(batch, "train_activations")
     # a finite task's "held-out" sample is its fixed test split again, i.e. the same sequences: split those instead
     if heldout is not None and not getattr(ds.get("task"), "finite", False):
-        return SAEActivations(acts, collect(heldout), heldout, "heldout")
+        return SAEActivations(acts, collect(heldout, "heldout_activations"), heldout, "heldout")
     b = acts.mask.shape[0]
     n_eval = min(b - 1, max(1, round(eval_fraction * b)))
     if b < 2:
         raise ValueError("step 3 needs at least 2 sequences to hold some out; raise --samples")
-    return SAEActivations(_subset(acts, slice(0, b - n_eval)), _subset(acts, slice(b - n_eval, b)),
+    return SAEActivations(acts.subset(slice(0, b - n_eval)), acts.subset(slice(b - n_eval, b)),
                           batch.select(slice(b - n_eval, b)), "sequences")
 
 
 # ---- loss recovered ----------------------------------------------------------------------------
-def target_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Per sequence: the summed cross-entropy over its target positions (targets != -100) and their count, [b]."""
+@torch.no_grad()
+def _ce_sums(model: Any, batch: Any, batch_size: int, start: tuple[int, Tensor] | None = None,
+             **splice: Any) -> tuple[Tensor, Tensor]:
+    """Per sequence [b]: the summed cross-entropy over its target positions (targets != -100) and their count.
+
+    Full-vocabulary logits only at the target positions (``pipeline/logits.score_positions``); ``start=(layer,
+    resid)`` runs from block ``layer`` on the cached residual stream entering it [b, l, d] of the whole batch
+    (``layer_inputs``), for passes whose hooks and SAEs are all at that layer or later."""
+    from mamba_interp.pipeline.logits import score_positions
+    from mamba_interp.sparse_autoencoder import saes_spliced
     from mamba_interp.tasks.base import IGNORE
 
-    b, l, v = logits.shape
-    ce = F.cross_entropy(logits.reshape(-1, v).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return ce.view(b, l).sum(1), (targets != IGNORE).sum(1)
-
-
-@torch.no_grad()
-def _ce_sums(model: Any, batch: Any, batch_size: int, **run_kwargs: Any) -> tuple[Tensor, Tensor]:
-    device = next(model.parameters()).device
     sums, counts = [], []
     for s in range(0, len(batch), batch_size):
-        ids = batch.tokens[s:s + batch_size].to(device)
-        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size].to(device)
-        logits = model.run_with_saes(ids, attention_mask=mask, **run_kwargs)
-        total, count = target_ce(logits, batch.targets[s:s + batch_size].to(device))
-        sums.append(total.double().cpu())
-        counts.append(count.cpu())
+        ids = batch.tokens[s:s + batch_size]
+        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size]
+        targets = batch.targets[s:s + batch_size]
+        scored = targets != IGNORE  # (b, l)
+        part = None if start is None else (start[0], start[1][s:s + batch_size])
+        with saes_spliced(model, splice["saes"], splice["use_error_term"], splice["latent_edits"],
+                          splice["fwd_hooks"]):
+            lp, _ = score_positions(model, ids, targets, scored, attention_mask=mask, start=part)
+        ce = torch.zeros(scored.shape, dtype=torch.float64).masked_scatter_(scored, -lp.double().cpu())
+        sums.append(ce.sum(1))
+        counts.append(scored.sum(1))
     return torch.cat(sums), torch.cat(counts)
 
 
@@ -132,20 +131,36 @@ def _splice_kwargs(fwd_hooks: list | None, saes: dict | None, use_error_term: bo
 
 
 def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
-                use_error_term: bool = False, latent_edits: dict | None = None) -> float:
+                use_error_term: bool = False, latent_edits: dict | None = None,
+                start: tuple[int, Tensor] | None = None) -> float:
     """Mean cross-entropy over the batch's target positions (targets != -100), with optional hooks and SAEs
-    spliced in at hook points (``model.run_with_saes``: ``saes={hook_name: sae}``, ``use_error_term``,
-    ``latent_edits``)."""
-    sums, counts = _ce_sums(model, batch, batch_size, **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
+    spliced in at hook points (as ``model.run_with_saes``: ``saes={hook_name: sae}``, ``use_error_term``,
+    ``latent_edits``); ``start`` as in ``_ce_sums``."""
+    sums, counts = _ce_sums(model, batch, batch_size, start,
+                            **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
     if int(counts.sum()) == 0:
         raise ValueError("the held-out batch has no target positions to score the loss on")
     return float(sums.sum() / counts.sum())
 
 
+def layer_inputs(model: Any, batch: Any, layer: int, batch_size: int) -> Tensor:
+    """The residual stream entering block ``layer`` [b, l, d] for the whole batch, on the CPU (what
+    ``target_loss(start=...)`` reuses across the passes that splice or ablate an activation of that layer)."""
+    from mamba_interp.pipeline.logits import layer_input
+
+    parts = []
+    for s in range(0, len(batch), batch_size):
+        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size]
+        parts.append(layer_input(model, batch.tokens[s:s + batch_size], mask, layer).cpu())
+    return torch.cat(parts)
+
+
 def sequence_losses(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
-                    use_error_term: bool = False, latent_edits: dict | None = None) -> Tensor:
+                    use_error_term: bool = False, latent_edits: dict | None = None,
+                    start: tuple[int, Tensor] | None = None) -> Tensor:
     """[b] mean cross-entropy over each sequence's target positions (NaN for a sequence without one)."""
-    sums, counts = _ce_sums(model, batch, batch_size, **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
+    sums, counts = _ce_sums(model, batch, batch_size, start,
+                            **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
     return sums / counts.double().where(counts > 0, torch.tensor(float("nan"), dtype=torch.float64))
 
 
@@ -163,16 +178,42 @@ def ablation_hooks(mean: Tensor) -> dict[str, Any]:
 
 
 # ---- training and the latent tables ---------------------------------------------------------------
-def train_folded(x: Tensor, cfg: SAEConfig) -> SparseAutoencoder:
+def train_folded(x: Tensor | ActivationChunks, cfg: SAEConfig, buffer_tokens: int | None = None,
+                 progress: Any = None) -> SparseAutoencoder:
     """Train, then fold the activation scale into the weights: every measurement, and later steps, use exactly the
-    weights ``save_sae`` writes (so a resumed run that loads them reproduces the same numbers)."""
+    weights ``save_sae`` writes (so a resumed run that loads them reproduces the same numbers). ``x`` may be
+    chunks streamed from the activation store (``buffer_tokens``: see ``train_sae``)."""
     from mamba_interp.sparse_autoencoder import train_sae
     from mamba_interp.sparse_autoencoder.io import folded_copy
 
-    trained = train_sae(x.to(cfg.device or "cpu"), cfg)
+    if isinstance(x, Tensor):
+        x = x.to(cfg.device or "cpu")
+    trained = train_sae(x, cfg, buffer_tokens=buffer_tokens, progress=progress)
     sae = folded_copy(trained)
     sae.training_history = trained.training_history
     return sae
+
+
+@dataclass
+class SAETrainUnit:
+    """One SAE to train (a unit of ``ctx.executor.map``): its training activations and recipe."""
+
+    key: str
+    hook: str
+    layer: int
+    acts: ActivationSet
+    """The training activations of this (hook, layer) only (``ActivationSet.only``; small to ship to a worker)."""
+    cfg: SAEConfig
+    buffer_tokens: int
+
+
+def train_unit(worker: Any, unit: SAETrainUnit) -> SparseAutoencoder:
+    """Train one unit's SAE (``train_folded`` on its token chunks), on whichever worker runs it."""
+    def progress(it: Any) -> Any:
+        return worker.progress(it, total=unit.cfg.steps, desc=f"training {unit.key}")
+
+    return train_folded(unit.acts.token_source(unit.hook, unit.layer), unit.cfg, unit.buffer_tokens,
+                        progress if worker.progress is not None else None)
 
 
 def correlate_latents(f: Tensor, variables: dict[str, Tensor], n_shuffles: int, seed: int) -> list[dict]:

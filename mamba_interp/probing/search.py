@@ -240,7 +240,7 @@ def probe_model(model: Any, batch: Any, layers: Sequence[int], hooks: Sequence[s
                 cv: int | None = 3, ridge_cv: int | None = None, seed: int = 0, max_tokens: int = 2000,
                 max_classes: int = 16, min_count: int = 5, control: bool = True, curves: str = "best",
                 acts: ActivationSet | None = None, batch_size: int = 64, n_resamples: int = 1000,
-                progress: Callable[[Iterable], Iterable] | None = None) -> ProbeReport:
+                progress: Callable[[Iterable], Iterable] | None = None, executor: Any = None) -> ProbeReport:
     """Fit ``methods`` (those that apply to each variable's task) with their control-task twins for every
     variable × layer × hook of ``model`` on ``batch``, and the sparsity curve (module docstring).
 
@@ -250,7 +250,9 @@ def probe_model(model: Any, batch: Any, layers: Sequence[int], hooks: Sequence[s
     (layer, hook) (``curves="best"``) or at every one (``"all"``); ``cv``: grouped folds for the ``*CV`` probes;
     ``ridge_cv``: the same for ``ridge``, whose default None picks the penalty by ``RidgeClassifierCV``'s
     efficient leave-one-out over tokens (one fit instead of folds × penalties; it ignores the sequence groups, but
-    the score is still measured on held-out sequences); ``control``: fit the control-task probes (selectivity)."""
+    the score is still measured on held-out sequences); ``control``: fit the control-task probes (selectivity).
+    ``executor``: fit the (variable, layer, hook) cells with ``executor.map`` (``pipeline/executor.py``; local or
+    Ray, identical results); None fits them here one after another."""
     known = set(TASK_METHODS[CLASSIFICATION]) | set(TASK_METHODS[REGRESSION])
     bad = [m for m in methods if m not in known]
     if bad:
@@ -263,35 +265,83 @@ def probe_model(model: Any, batch: Any, layers: Sequence[int], hooks: Sequence[s
         batch, acts.mask, variables, max_tokens, max_classes, min_count, seed)
     report = ProbeReport([], methods=tuple(methods), k=k, variables={n: v.summary() for n, v in data.items()})
 
-    def features(var: VariableData, layer: int, hook: str) -> np.ndarray:
-        return acts.tokens(hook, layer)[torch.as_tensor(var.rows)].double().numpy()  # (M, k)
-
     def curve(var: VariableData, layer: int, hook: str, x: np.ndarray) -> None:
-        probes = sparsity_curve(x, var.y, ks, var.groups, seed, var.task)
-        report.curves[(var.name, layer, hook)] = {kq: p.score_estimate(n_resamples, seed) for kq, p in probes.items()}
+        report.curves[(var.name, layer, hook)] = _curve(x, var, ks, seed, n_resamples)
 
     splits = {name: split_indices(len(v.y), v.groups, 0.25, seed) for name, v in data.items()}
     for name in list(data):
         if not splits_both_ways(data[name].y, splits[name]):
             report.skipped[name] = "one side of the held-out split has a single label; add sequences"
             del data[name], report.variables[name]
-    work = [(v, i, h) for v in data.values() for i in layers for h in hooks]
-    for var, layer, hook in (progress(work) if progress is not None else work):
-        x = features(var, layer, hook)
-        report.records += _fit_cell(var, layer, hook, x, methods, min(k, x.shape[1]), cv, ridge_cv, splits[var.name],
-                                    control, seed, n_resamples)
-        if curves == "all":
-            curve(var, layer, hook, x)
+    cells = []
+    for var, layer, hook in [(v, i, h) for v in data.values() for i in layers for h in hooks]:
         shape = acts.shapes[(hook, layer)]
-        if model.cfg.arch == "mamba2" and hook in HEAD_HOOKS and len(shape) == 2:
-            heads, p = shape
-            units = [np.arange(h * p, (h + 1) * p) for h in range(heads)]
-            report.head_scores[(var.name, layer, hook)] = unit_scores(x, var.y, units, var.groups, seed,
-                                                                      splits[var.name]).tolist()
+        heads = tuple(shape) if model.cfg.arch == "mamba2" and hook in HEAD_HOOKS and len(shape) == 2 else None
+        cells.append(ProbeCell(var, layer, hook, acts.only(hook, layer), tuple(methods), k, cv, ridge_cv,
+                               splits[var.name], control, seed, n_resamples, tuple(ks) if curves == "all" else None,
+                               heads))
+    if executor is not None:  # independent cells: local or on Ray (pipeline/executor.py)
+        results = executor.map(fit_cell, cells, desc="probes")
+    else:
+        results = [fit_cell(None, c) for c in (progress(cells) if progress is not None else cells)]
+    for cell, (records, cell_curve, head_scores) in zip(cells, results):
+        report.records += records
+        if cell_curve is not None:
+            report.curves[(cell.var.name, cell.layer, cell.hook)] = cell_curve
+        if head_scores is not None:
+            report.head_scores[(cell.var.name, cell.layer, cell.hook)] = head_scores
     if curves == "best":
         for var in data.values():
             if report.for_variable(var.name):
                 b = report.best(var.name)
-                curve(var, b.layer, b.hook, features(var, b.layer, b.hook))
+                curve(var, b.layer, b.hook, cell_features(acts, b.hook, b.layer, var))
     return report
+
+
+def cell_features(acts: ActivationSet, hook: str, layer: int, var: VariableData) -> np.ndarray:
+    """The activations of a variable's probed tokens [M, k] (float64), read in chunks from the activation store."""
+    return acts.token_source(hook, layer).gather(torch.as_tensor(var.rows)).double().numpy()
+
+
+def _curve(x: np.ndarray, var: VariableData, ks: Sequence[int], seed: int, n_resamples: int) -> dict:
+    probes = sparsity_curve(x, var.y, ks, var.groups, seed, var.task)
+    return {kq: p.score_estimate(n_resamples, seed) for kq, p in probes.items()}
+
+
+@dataclass
+class ProbeCell:
+    """One unit of a probe sweep: a variable at one (layer, hook), with what :func:`fit_cell` needs to fit it on
+    any worker (``ctx.executor.map``)."""
+
+    var: VariableData
+    layer: int
+    hook: str
+    acts: ActivationSet
+    """The activations of this (hook, layer) only (``ActivationSet.only``)."""
+    methods: tuple[str, ...]
+    k: int
+    cv: int | None
+    ridge_cv: int | None
+    split: tuple[np.ndarray, np.ndarray]
+    control: bool
+    seed: int
+    n_resamples: int
+    curve_ks: tuple[int, ...] | None
+    """Also fit the sparsity curve at these k (``curves="all"``)."""
+    heads: tuple[int, int] | None
+    """(h, p) of a Mamba-2 head hook: also score each head alone."""
+
+
+def fit_cell(worker: Any, cell: ProbeCell) -> tuple[list[ProbeRecord], dict | None, list[float] | None]:
+    """The probes of one cell (records), its sparsity curve (``curve_ks``) and per-head scores (``heads``)."""
+    var, x = cell.var, cell_features(cell.acts, cell.hook, cell.layer, cell.var)
+    records = _fit_cell(var, cell.layer, cell.hook, x, cell.methods, min(cell.k, x.shape[1]), cell.cv, cell.ridge_cv,
+                        cell.split, cell.control, cell.seed, cell.n_resamples)
+    curve = _curve(x, var, cell.curve_ks, cell.seed, cell.n_resamples) if cell.curve_ks else None
+    heads = None
+    if cell.heads is not None:
+        h, p = cell.heads
+        units = [np.arange(i * p, (i + 1) * p) for i in range(h)]
+        heads = unit_scores(x, var.y, units, var.groups, cell.seed, cell.split).tolist()
+    return records, curve, heads
 

@@ -40,10 +40,11 @@ from mamba_interp.sparse_autoencoder.splice import (
     steering_hook,
 )
 from mamba_interp.sparse_autoencoder.synthetic import PlantedData, planted_features
-from mamba_interp.sparse_autoencoder.training import TrainHistory, geometric_median, train_sae
+from mamba_interp.sparse_autoencoder.training import ActivationChunks, TrainHistory, geometric_median, train_sae
 
 __all__ = [
     "ARCHITECTURES",
+    "ActivationChunks",
     "FVUAccumulator",
     "FeatureCorrelation",
     "LossRecovered",

@@ -6,7 +6,7 @@ Index letters used across ``mamba_interp.sparse_autoencoder``:
     m  d_sae, the number of latents               k  active latents per token (TopK) or mean per token (BatchTopK)
     v  ground-truth variables (feature–variable correlation)
 
-Architectures (sparse_coding.md §1.2, §8):
+Architectures (as in SAELens; Bricken et al. 2023, Rajamanoharan et al. 2024, Gao et al. 2024):
 
 * ``relu``      f = ReLU(h); loss ‖x − x̂‖² + λ Σ_i f_i‖W_dec,i‖ with an unconstrained decoder
                 (Anthropic April-2024 update, SAELens ``standard``).

@@ -1,4 +1,4 @@
-"""SAE quality metrics, one documented definition each (sparse_coding.md §2.2).
+"""SAE quality metrics, one documented definition each (the variants SAELens and SAEBench report).
 
 * L0          E_tokens #{i : f_i ≠ 0}.
 * FVU         Σ‖x − x̂‖² / Σ‖x − x̄‖², streamed in float64 as E‖e‖² / (E‖x‖² − ‖E x‖²) (SAELens 6.54
@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from mamba_interp.sparse_autoencoder.model import SparseAutoencoder
+from mamba_interp.sparse_autoencoder.training import ActivationChunks
 
 
 def _unit_rows(w: Tensor) -> Tensor:
@@ -133,16 +134,23 @@ class SAEMetrics:
 
 
 @torch.no_grad()
-def sae_metrics(sae: SparseAutoencoder, x: Tensor, batch_size: int = 8192, dense_threshold: float = 0.1) -> SAEMetrics:
-    """L0, FVU, dead/dense fractions and shrinkage of ``sae`` on the rows of x [t, d] (streamed, float64)."""
-    x = x.reshape(-1, x.shape[-1])
-    if x.shape[-1] != sae.cfg.d_in:
-        raise ValueError(f"x has width {x.shape[-1]} but the SAE has d_in={sae.cfg.d_in}")
+def sae_metrics(sae: SparseAutoencoder, x: Tensor | ActivationChunks, batch_size: int = 8192,
+                dense_threshold: float = 0.1) -> SAEMetrics:
+    """L0, FVU, dead/dense fractions and shrinkage of ``sae`` on the rows of x [t, d] (a tensor, or chunks read one
+    at a time; streamed, float64)."""
+    if isinstance(x, ActivationChunks):
+        width, n, chunks = x.width, x.n, iter(x)
+    else:
+        x = x.reshape(-1, x.shape[-1])
+        width, n, chunks = x.shape[-1], x.shape[0], iter([x])
+    if width != sae.cfg.d_in:
+        raise ValueError(f"x has width {width} but the SAE has d_in={sae.cfg.d_in}")
     acc = FVUAccumulator()
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     l0_sum = xhat2 = x_dot_xhat = l2_ratio = cos_sum = 0.0
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size].to(sae.device, torch.float32)
+    batches = (c[start:start + batch_size] for c in chunks for start in range(0, c.shape[0], batch_size))
+    for xb in batches:
+        xb = xb.to(sae.device, torch.float32)
         f = sae.encode(xb)
         x_hat = sae.decode(f)
         acc.update(xb, x_hat)
@@ -155,7 +163,6 @@ def sae_metrics(sae: SparseAutoencoder, x: Tensor, batch_size: int = 8192, dense
         xn, xhn = xd.norm(dim=-1), xhd.norm(dim=-1)
         l2_ratio += (xhn / xn.clamp_min(1e-12)).sum().item()
         cos_sum += ((xd * xhd).sum(-1) / (xn * xhn).clamp_min(1e-12)).sum().item()
-    n = x.shape[0]
     density = fires / n
     n_dead = int((density == 0).sum())
     n_dense = int((density > dense_threshold).sum())

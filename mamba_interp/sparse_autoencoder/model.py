@@ -1,6 +1,6 @@
 """The SAE module: one class for every architecture (see ``config.py`` for the forward rules).
 
-Parameter names and shapes follow SAELens (sparse_coding.md §1.2) so weights load there unchanged:
+Parameter names and shapes follow SAELens (``sae_lens`` ``SAE`` state dicts) so weights load there unchanged:
 ``W_enc`` [d, m], ``W_dec`` [m, d] (rows are dictionary atoms), ``b_enc`` [m], ``b_dec`` [d], and for JumpReLU a
 per-latent ``threshold`` [m] (a parameter for ``jumprelu``; for ``batchtopk`` a buffer holding the exported θ in
 every entry). The threshold is trained directly, not as a log: inputs are normalised (E‖x‖ = √d), so pre-activations

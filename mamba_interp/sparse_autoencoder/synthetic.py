@@ -1,4 +1,4 @@
-"""Planted sparse features: the ground-truth SAE benchmark of sparse_coding.md §3.2 (after Sharkey et al. 2022).
+"""Planted sparse features: the ground-truth SAE benchmark (after Sharkey, Braun & Millidge 2022).
 
 G ∈ R^{n×d}, rows i.i.d. N(0, I_d) normalised to unit length        (the true dictionary)
 c_{t,i} = u_{t,i}·1[r_{t,i} < p],  u, r ~ U(0, 1),  p = l0 / n        (E[L0] = l0, E[c | on] = ½)

@@ -1,16 +1,23 @@
 """Training loop: ``train_sae(activations [t, d], cfg) -> SparseAutoencoder``.
 
-Recipe (sparse_coding.md §1.2, §1.3, §3.4, §8): b_dec at the geometric median (Weiszfeld) or the mean; scalar
+Recipe (SAELens, saprmarks/dictionary_learning): b_dec at the geometric median (Weiszfeld) or the mean; scalar
 input normalisation s = √d / E‖x‖; Adam with gradient-norm clipping; linear LR warm-up, constant, linear decay to 0;
 linear warm-up of the sparsity coefficient; unit-norm decoder rows with the parallel gradient removed (TopK,
 BatchTopK, JumpReLU); AuxK on latents dead for ``dead_window_tokens`` tokens (Gao et al. 2024, arXiv 2406.04093,
 with their variance normalisation of the auxiliary MSE).
+
+Activations come as a tensor [t, d] or as :class:`ActivationChunks` (rows read chunk by chunk, e.g. from a
+disk-backed store). Chunks that fit ``buffer_tokens`` are read into one tensor and trained on exactly as a tensor;
+larger ones stream through a shuffle (mixing) buffer as SAELens's ``ActivationsStore`` does: chunks are read in a
+seeded random order into a buffer of ``buffer_tokens`` rows, the buffer is shuffled, its first half is served as
+batches and refilled from the next chunks.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +63,69 @@ class TrainHistory:
         }
 
 
+@dataclass
+class ActivationChunks:
+    """Rows [t, d] of activations as ``count`` chunks [t_i, d] (Σ t_i = ``n``) that can be read in any order."""
+
+    read: Callable[[int], Tensor]
+    """``read(i)`` -> chunk i (a fresh tensor or a view)."""
+    count: int
+    n: int
+    width: int
+
+    @classmethod
+    def of(cls, x: Tensor, rows: int) -> ActivationChunks:
+        """Chunks of ``rows`` rows of an in-memory [t, d] tensor (views)."""
+        return cls(lambda i: x[i * rows:(i + 1) * rows], max(1, -(-int(x.shape[0]) // rows)), int(x.shape[0]),
+                   int(x.shape[1]))
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self.read(i) for i in range(self.count))
+
+    def read_all(self) -> Tensor:
+        return torch.cat([c.float() for c in self], dim=0) if self.n else torch.empty(0, self.width)
+
+    def gather(self, idx: Tensor) -> Tensor:
+        """Rows at token indices ``idx`` [s] (any order, repeats allowed) -> [s, d], in one pass over the chunks."""
+        order = torch.argsort(idx)
+        sorted_idx = idx[order]
+        out = torch.empty(idx.shape[0], self.width)
+        start, j = 0, 0
+        for c in self:
+            stop = start + c.shape[0]
+            hi = int(torch.searchsorted(sorted_idx, stop))
+            if hi > j:
+                out[order[j:hi]] = c[sorted_idx[j:hi] - start].float()
+                j = hi
+            start = stop
+        return out
+
+    def mean(self) -> Tensor:
+        """[d] float64 mean of the rows."""
+        total = torch.zeros(self.width, dtype=torch.float64)
+        for c in self:
+            total += c.double().sum(0)
+        return total / max(self.n, 1)
+
+
+def _mixing_batches(source: ActivationChunks, batch_size: int, buffer_tokens: int,
+                    generator: torch.Generator) -> Iterator[Tensor]:
+    """Batches [batch_size, d] from a shuffle buffer of about ``buffer_tokens`` rows: chunks are appended in a seeded
+    random order (a new one each pass); whenever the buffer is full it is shuffled and its first half served
+    (SAELens ``ActivationsStore``). Endless."""
+    buffer = torch.empty(0, source.width)
+    while True:
+        for i in torch.randperm(source.count, generator=generator).tolist():
+            buffer = torch.cat([buffer, source.read(i).float()], dim=0)
+            if buffer.shape[0] < buffer_tokens:
+                continue
+            buffer = buffer[torch.randperm(buffer.shape[0], generator=generator)]
+            served = (buffer.shape[0] // 2) // batch_size * batch_size
+            for start in range(0, served, batch_size):
+                yield buffer[start:start + batch_size]
+            buffer = buffer[served:]
+
+
 @torch.no_grad()
 def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
     """Weiszfeld iteration from the mean (dictionary_learning ``geometric_median``); float64; returns [d]."""
@@ -72,17 +142,19 @@ def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tenso
 
 
 @torch.no_grad()
-def activation_norm_scale(x: Tensor, chunk: int = 65536) -> float:
+def activation_norm_scale(x: Tensor | ActivationChunks, chunk: int = 65536) -> float:
     """s = √d / E‖x‖ (SAELens ``expected_average_only_in``), so that the scaled activations have E‖x‖ = √d."""
     total, n = 0.0, 0
-    for start in range(0, x.shape[0], chunk):
-        block = x[start : start + chunk].double()
+    blocks = x if isinstance(x, ActivationChunks) else x.split(chunk)
+    for block in blocks:
+        block = block.double()
         total += block.norm(dim=1).sum().item()
         n += block.shape[0]
     mean_norm = total / max(n, 1)
     if mean_norm == 0.0:
         raise ValueError("activations are all zero; cannot normalise them (use normalize_activations='none')")
-    return math.sqrt(x.shape[1]) / mean_norm
+    width = x.width if isinstance(x, ActivationChunks) else x.shape[1]
+    return math.sqrt(width) / mean_norm
 
 
 def lr_multiplier(step: int, cfg: SAEConfig) -> float:
@@ -148,15 +220,16 @@ def training_loss(
     return loss, f, {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach(), "fvu": fvu}
 
 
-def _check_activations(activations: Tensor, cfg: SAEConfig) -> None:
-    if activations.ndim != 2 or activations.shape[1] != cfg.d_in:
+def _check_activations(activations: Tensor | ActivationChunks, cfg: SAEConfig) -> None:
+    rows, width = ((activations.n, activations.width) if isinstance(activations, ActivationChunks)
+                   else (activations.shape[0] if activations.ndim == 2 else -1, activations.shape[-1]))
+    if rows < 0 or width != cfg.d_in:
         raise ValueError(f"activations must have shape [tokens, d_in={cfg.d_in}]; got {tuple(activations.shape)}")
-    if activations.shape[0] < cfg.batch_size:
+    if rows < cfg.batch_size:
         raise ValueError(
-            f"only {activations.shape[0]} activation rows for batch_size={cfg.batch_size}; "
-            "collect more or lower batch_size"
+            f"only {rows} activation rows for batch_size={cfg.batch_size}; collect more or lower batch_size"
         )
-    if not activations.is_floating_point():
+    if isinstance(activations, Tensor) and not activations.is_floating_point():
         raise ValueError(f"activations must be floating point; got {activations.dtype}")
 
 
@@ -168,38 +241,54 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
             yield perm[start : start + batch_size]
 
 
-def train_sae(activations: Tensor, config: SAEConfig) -> SparseAutoencoder:
-    """Train an SAE on the rows of ``activations`` [t, d] with ``config``; deterministic per ``config.seed``.
+def train_sae(activations: Tensor | ActivationChunks, config: SAEConfig,
+              buffer_tokens: int | None = None, progress: Callable | None = None) -> SparseAutoencoder:
+    """Train an SAE on the rows of ``activations`` [t, d] (a tensor, or chunks) with ``config``; deterministic per
+    ``config.seed``.
 
+    Chunks of more than ``buffer_tokens`` rows stream through a shuffle buffer of that size (module docstring);
+    otherwise (or with ``buffer_tokens=None``) they are read into memory and trained on exactly as a tensor.
+    ``progress`` wraps the range of steps (e.g. a tqdm bar).
     The returned SAE keeps its training normalisation as ``activation_scale`` (``encode``/``decode`` take raw
     activations either way); ``save_sae`` folds it into the weights. ``sae.training_history`` holds the log.
     """
     cfg = config
     _check_activations(activations, cfg)
-    device = torch.device(cfg.device) if cfg.device is not None else activations.device
+    streamed = isinstance(activations, ActivationChunks) and buffer_tokens is not None and activations.n > buffer_tokens
+    if isinstance(activations, ActivationChunks) and not streamed:
+        activations = activations.read_all()
+    if streamed and buffer_tokens < 2 * cfg.batch_size:
+        raise ValueError(f"buffer_tokens={buffer_tokens} must hold at least two batches of {cfg.batch_size}")
+    device = torch.device(cfg.device) if cfg.device is not None else (
+        torch.device("cpu") if streamed else activations.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     sae = SparseAutoencoder(cfg, generator=gen).to(device)
     start_time = time.perf_counter()
 
-    n = activations.shape[0]
+    n = activations.n if streamed else activations.shape[0]
     scale = activation_norm_scale(activations) if cfg.normalize_activations == "expected_average_only_in" else 1.0
     with torch.no_grad():
         if cfg.b_dec_init != "zeros":
             idx = torch.randperm(n, generator=gen)[: cfg.b_dec_init_samples]
-            sample = activations[idx].to(device).double() * scale
+            sample = (activations.gather(idx) if streamed else activations[idx]).to(device).double() * scale
             centre = geometric_median(sample) if cfg.b_dec_init == "geometric_median" else sample.mean(0)
             sae.b_dec.copy_(centre.float())
 
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
     history = TrainHistory(activation_scale=scale)
-    batches = _batches(n, cfg.batch_size, gen)
-    for step in range(cfg.steps):
+    if streamed:
+        mixing = _mixing_batches(activations, cfg.batch_size, buffer_tokens, gen)
+        next_batch = lambda: next(mixing)  # noqa: E731
+    else:
+        batches = _batches(n, cfg.batch_size, gen)
+        next_batch = lambda: activations[next(batches)]  # noqa: E731
+    for step in (progress(range(cfg.steps)) if progress is not None else range(cfg.steps)):
         lr = cfg.lr * lr_multiplier(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         coefficient = cfg.l1_coefficient * coefficient_multiplier(step, cfg)
-        x = activations[next(batches)].to(device=device, dtype=torch.float32) * scale  # [t, d]
+        x = next_batch().to(device=device, dtype=torch.float32) * scale  # [t, d]
         dead = tokens_since_fired >= cfg.dead_window_tokens
         loss, f, parts = training_loss(sae, x, coefficient, dead)
         optimizer.zero_grad(set_to_none=True)

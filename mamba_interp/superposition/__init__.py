@@ -1,6 +1,6 @@
 """Superposition: the toy models of Elhage et al. 2022 and their geometry measures, also for SAE decoders.
 
-Toy Models of Superposition (arXiv 2209.10652; the released notebook, sparse_coding.md §4):
+Toy Models of Superposition (arXiv 2209.10652; the released notebook):
 
     h = W x,  x' = ReLU(Wᵀ W x + b),  W ∈ R^{m×n}  (m hidden dimensions, n features)
     x_i ~ U[0, 1) with probability p = 1 − S (S is the sparsity), else 0, independently per feature

@@ -8,8 +8,9 @@ The format is fixed because other checks (implicit attention, patching at ``valu
   followed by a content token X, and a trigger again at position L−1; the trigger appears nowhere else;
 * the target is X at the last position (accuracy = argmax of the last logits).
 
-Known mechanism (``mamba.md`` §7.1): the conv of an early layer shifts the previous token into each position
-("the token after a trigger"), and the last layer's SSM reads it out where C at L−1 matches B at p+1.
+Known mechanism (an SSM form of Olsson et al. 2022's induction heads): the conv of an early layer shifts the
+previous token into each position ("the token after a trigger"), and the last layer's SSM reads it
+out where C at L−1 matches B at p+1.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Modular addition ``(a, b, =) -> (a + b) mod p``, the grokking task of Power et al. (2022) and Nanda et al.
-(2023, arXiv 2301.05217; ``mamba.md`` §6).
+(2023, arXiv 2301.05217).
 
 Tokens 0..p−1 are the numbers and p is ``=``, so V = p + 1 and L = 3; the target sits at the last position.
 The p² pairs are split once into train and test by ``frac_train`` with ``split_seed``; this is a finite task,
 so ``sample(None, seed, split=...)`` returns a whole split (full-batch training) in pair order, and
 ``split="all"`` the full p × p grid in the order ``a·p + b`` that the Fourier progress measures expect.
 
-Known mechanism (Nanda et al.; measured on a tiny Mamba-2 in ``mamba.md`` §7.3): a sparse set of key
+Known mechanism (Nanda et al.; checked on the zoo's ``modadd-mamba2``): a sparse set of key
 frequencies k, with logits ∝ cos(2πk(a + b − c)/p).
 """
 

@@ -1,5 +1,5 @@
 """Multi-query associative recall (MQAR), in the layout of Zoology (Arora et al. 2023, arXiv 2312.04927;
-``HazyResearch/zoology`` ``zoology/data/multiquery_ar.py``; ``mamba.md`` §5.5).
+``HazyResearch/zoology`` ``zoology/data/multiquery_ar.py``; Arora et al. 2023, arXiv 2312.04927).
 
 * keys are drawn (distinct within a sequence) from 1..V/2−1, values (distinct) from V/2..V−1;
 * the context opens with the K pairs ``k1 v1 k2 v2 ... kK vK``;

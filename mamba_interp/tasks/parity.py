@@ -1,4 +1,4 @@
-"""Running parity of a bit string: a negative control (``mamba.md`` §5.7, §7.4).
+"""Running parity of a bit string: a negative control.
 
 Linear RNNs whose transition eigenvalues lie in [0, 1] (Mamba: exp(Δ·A) ∈ (0, 1)) cannot represent parity
 at arbitrary length in finite precision (Grazzi et al. 2024, arXiv 2411.12537; Sarrof et al. 2024). A fixed

@@ -1,4 +1,4 @@
-"""Selective copying (Gu & Dao 2023, §3.1 and §4.1.1; ``mamba.md`` §5.6, §7.4).
+"""Selective copying (Gu & Dao 2023, §3.1 and §4.1.1).
 
 Tokens: 0 = noise, 1..C = data ("colours"), C+1 = marker; V = C + 2. The first L−K positions are noise with K
 data tokens at sorted random distinct positions; the last K positions are markers. At the i-th marker the

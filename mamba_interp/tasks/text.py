@@ -3,9 +3,9 @@
 * ``text_induction``: random tokens repeated twice (Olsson et al. 2022's repeated-sequence test); in the second
   copy each next token is predictable only by induction.
 * ``ioi``: indirect-object identification templates (Wang et al. 2022, arXiv 2211.00593), in the ABBA / BABA
-  forms used for Mamba by Ensign & Garriga-Alonso (arXiv 2407.14008; ``mamba.md`` §5.2).
+  forms used for Mamba by Ensign & Garriga-Alonso (arXiv 2407.14008).
 * ``factual_recall``: subject–relation prompts whose answer is a fact (Meng et al. 2022; for Mamba, Sharma et
-  al. 2024, arXiv 2404.03646, ``mamba.md`` §5.1), with the subject's token span as ground truth.
+  al. 2024, arXiv 2404.03646), with the subject's token span as ground truth.
 
 Prompts are built segment by segment (literal text, slot values), so every slot's token positions are exact;
 prompts of different lengths in a batch are **left**-padded (``attention_mask`` 0 on padding), so the

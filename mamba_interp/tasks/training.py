@@ -1,6 +1,6 @@
 """Train a tiny HookedMamba (Mamba-1 / Mamba-2) or the GPT-2 baseline on a task.
 
-AdamW (betas 0.9/0.98 as in ``mamba.md`` §7.2) with linear warmup then cosine decay to ``min_lr_frac·lr``;
+AdamW (betas 0.9/0.98 as in Gu & Dao 2023's recipe) with linear warmup then cosine decay to ``min_lr_frac·lr``;
 weight decay on matrices and embeddings only (not on biases, norms, ``A_log``, ``D``, ``dt_bias``, following
 mamba_ssm's ``_no_weight_decay``) unless ``decay_all``. Each step draws a fresh training batch from the task's
 ``"train"`` stream (seed = ``seed·1_000_003 + step``); accuracy is measured on a held-out ``"test"`` sample fixed
@@ -91,7 +91,7 @@ class TrainConfig:
     """Steps at which the weights are also saved as ``snapshot_stepNNNNNN.safetensors``."""
     seed: int = 0
     threads: int = 1
-    """torch threads during training (1 is fastest on a shared CPU, ``style.md`` B4); 0 leaves torch's setting."""
+    """torch threads during training (1 is fastest on a shared CPU, docs/performance.md); 0 leaves torch's setting."""
     device: str = "cpu"
     progress: bool = True
     out_dir: str | None = None

@@ -1,4 +1,4 @@
-"""Hook API: names and shapes (DESIGN.md table), filters, context-manager cleanup, cache helpers, errors."""
+"""Hook API: names and shapes (docs/hooks.md), filters, context-manager cleanup, cache helpers, errors."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Logits equal transformers' MambaForCausalLM / Mamba2ForCausalLM / FalconMambaForCausalLM (DESIGN.md §3)."""
+"""Logits equal transformers' MambaForCausalLM / Mamba2ForCausalLM / FalconMambaForCausalLM."""
 
 import pytest
 import torch

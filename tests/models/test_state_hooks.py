@@ -1,4 +1,4 @@
-"""hook_ssm_state substitution and hook_h0 equal a step-by-step loop that overwrites the state (DESIGN.md §3)."""
+"""hook_ssm_state substitution and hook_h0 equal a step-by-step loop that overwrites the state."""
 
 import pytest
 import torch

@@ -42,7 +42,7 @@ def test_step12_reproduces_the_toy_model_geometry(resumed):
     assert res["status"] == "completed", res.get("error")
     toy = res["metrics"]["toy"]
     assert list(toy) == ["S=0", "S=0.8", "S=0.9", "S=0.95"]
-    # sparse_coding.md §4.3: dense -> 2 orthogonal features; S = 0.8 -> 2 antipodal pairs; S >= 0.9 -> pentagon
+    # Elhage et al. 2022, n=5 m=2: dense -> 2 orthogonal features; S = 0.8 -> 2 antipodal pairs; S >= 0.9 -> pentagon
     dense = toy["S=0"]
     assert dense["geometry"] == "orthogonal" and dense["n_represented"] == 2
     assert sorted(dense["dimensionality"], reverse=True)[:2] == pytest.approx([1.0, 1.0], abs=0.05)

@@ -1,4 +1,4 @@
-"""Shared planted-feature data and SAEs trained once per session (sparse_coding.md §3.4 CI recipe).
+"""Shared planted-feature data and SAEs trained once per session.
 
 d = 64, n = 128 unit-norm true features, E[L0] = 3 (c ~ U(0, 1) when on), SAE width m = 256, batch 512.
 Training uses 200k samples (several epochs); evaluation uses 20k fresh samples of the same dictionary.

@@ -1,4 +1,4 @@
-"""Dictionary learning vs SAE and the amortisation gap, on planted features (sparse_coding.md §3.4, §6)."""
+"""Dictionary learning vs SAE and the amortisation gap, on planted features."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from mamba_interp.sparse_autoencoder.model import JumpReLUFn, StepFn, topk_per_b
 from mamba_interp.sparse_autoencoder.training import coefficient_multiplier, lr_multiplier
 from tests.sparse.helpers import WIDTH, D
 
-# ---- planted features (sparse_coding.md §3.4) -------------------------------------------------------------
+# ---- planted features -------------------------------------------------------------
 
 # (architecture, MMCS threshold, fraction of true features with max cos > 0.9, L0 range on fresh data)
 PLANTED_THRESHOLDS = {

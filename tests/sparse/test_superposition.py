@@ -1,4 +1,4 @@
-"""Toy Models of Superposition (Elhage et al. 2022) and the geometry measures (sparse_coding.md §4)."""
+"""Toy Models of Superposition (Elhage et al. 2022) and the geometry measures."""
 
 from __future__ import annotations
 

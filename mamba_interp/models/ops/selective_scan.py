@@ -9,7 +9,7 @@ All implementations share one signature, ``scan(u, delta, A, B, C, D, h0=None) -
     y [b, l, e] (float32)   h_last [b, e, n] (float32)
 
 * :func:`selective_scan_ref` — the reference: a step loop over tensors unbound once along l (slicing inside
-  the loop would make the backward O(l²); ``style.md`` B1).
+  the loop would make the backward O(l²); see docs/performance.md).
 * :func:`selective_scan_loop` — the CPU fast path: a blocked loop with a hand-written backward that never holds
   the [b, l, e, n] tensors, only per-block ones, recomputing each block's states from a checkpoint in the
   backward. Forward and backward are linear in l.

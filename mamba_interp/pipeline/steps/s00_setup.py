@@ -1,7 +1,7 @@
 """Step 0 (setup): seeding, device, instrumentation check, manifest.
 
 The runner has already seeded every RNG, chosen the device and written ``manifest.json``; this step checks the
-instrumentation the later steps rely on: every hook point of DESIGN.md §3 fires with its documented shape, and
+instrumentation the later steps rely on: every hook point of docs/hooks.md fires with its documented shape, and
 caching every activation (the lazily computed ``hook_dA``/``hook_ssm_state`` included) leaves the logits
 unchanged. Its metrics open with a compact model summary (architecture, sizes, task, the card's accuracy); the
 whole card (training config, evaluation, command, ...) goes to ``model_card.json``.
@@ -36,7 +36,7 @@ def model_summary(describe: dict, fingerprint: str, card_file: str) -> dict:
 
 
 def expected_shapes(cfg, b: int, l: int) -> dict[str, tuple[int, ...]]:
-    """Hook name -> shape from DESIGN.md §3 for a [b, l] input."""
+    """Hook name -> shape from docs/hooks.md for a [b, l] input."""
     d, e, n = cfg.d_model, cfg.d_inner, cfg.d_state
     out: dict[str, tuple[int, ...]] = {"hook_embed": (b, l, d)}
     if cfg.arch == "mamba1":
@@ -125,7 +125,7 @@ def run(ctx: StepContext) -> StepResult:
         f"Model {desc['name']!r} ({desc['arch']}, {desc['n_layer']} layers, d_model {desc['d_model']}, "
         f"{desc['n_params']:,} parameters{task}, fingerprint {desc['fingerprint']}) runs on {ctx.device} in "
         f"{ctx.config.dtype} with the {', '.join(sorted(set(scans)))} scan. All {len(fired)} hook points fired with "
-        f"the shapes of DESIGN.md §3, and caching every activation changed the logits by {logit_diff:.1e} "
+        f"the documented shapes, and caching every activation changed the logits by {logit_diff:.1e} "
         f"(relative), so the hooks are transparent. Analysed layers: {', '.join(map(str, ctx.layers))}; "
         f"seed {ctx.config.seed}."
     )

@@ -26,7 +26,8 @@ from mamba_interp.stats import estimate
 
 
 def _datasets(ctx: StepContext):
-    return build_datasets(ctx.source, ctx.config.samples, ctx.config.seq_len, ctx.seed % (2**31))
+    return build_datasets(ctx.source, ctx.config.samples, ctx.config.seq_len, ctx.seed % (2**31),
+                          corpus=ctx.config.corpus, tokens=ctx.config.tokens)
 
 
 def load(ctx: StepContext) -> dict:
@@ -142,7 +143,7 @@ def _lm_reading(sets_metrics: dict, scores: dict, notes: list[str]) -> str:
 
 
 @register_step(1, "tasks", requires=(0,), title="Datasets: task batches with ground truth, or prompt sets", load=load,
-               reads=("samples", "seq_len", "batch_size", "figures"), version=2)
+               reads=("samples", "seq_len", "batch_size", "figures", "corpus", "tokens"), version=2)
 def run(ctx: StepContext) -> StepResult:
     ds = _datasets(ctx)
     chance = getattr(ds.task, "chance", None) if ds.kind == "task" else None
@@ -182,6 +183,7 @@ def run(ctx: StepContext) -> StepResult:
         "card_accuracy": card_acc,
         "datasets": sets_metrics,
         "notes": ds.notes,
+        "data": f"corpus {ctx.config.corpus}" if ds.primary == "corpus" else f"synthetic ({ds.primary})",
         "chance_warning": warning,
     }
     if ds.heldout is not None:
@@ -211,6 +213,11 @@ def run(ctx: StepContext) -> StepResult:
                         f"{worst[0]} tokens, {best[1]:.3f} at {best[0]}.")
     else:
         reading = _lm_reading(sets_metrics, scores, ds.notes)
+        if ds.primary == "corpus":
+            c = sets_metrics["corpus"]
+            reading = (f"Later steps analyse natural text from the corpus: {c['sequences']} windows of "
+                       f"{c['seq_len']} tokens, next-token accuracy {c['accuracy']:.3f}, loss {c['loss']:.3f}. "
+                       + reading)
     if warning:  # the numbers follow in the reading; the metric holds them too, for the report's banner
         reading = ("Warning: no dataset is above chance, so the model behaves like an untrained one and later steps "
                    "describe its random weights. " + reading)

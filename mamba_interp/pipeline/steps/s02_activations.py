@@ -1,8 +1,11 @@
 """Step 2 (activations): collect activations at the chosen layers and hooks; baseline statistics per layer/hook.
 
-Statistics and their sources are described in ``pipeline/activation_stats.py``. Outputs in the step folder:
-``activations.safetensors`` (every collected hook, [b, l, k] float32, plus ``mask``; ``ActivationSet.load``
-reads it), ``stats.safetensors`` (per-dimension arrays: ``<hook name>.rms`` etc., Δ quantiles per channel),
+Statistics and their sources are described in ``pipeline/activation_stats.py``; they stream over chunks of
+sequences, one (layer, hook) at a time. Outputs in the step folder: the activations, either
+``activations.safetensors`` (in-memory store: every collected hook, [b, l, k] float32, plus ``mask``;
+``ActivationSet.load`` reads it) or ``activations/`` (disk store, ``--activation-store disk`` or ``auto`` for runs
+too large to hold: one file per (layer, hook), written as collected; ``pipeline/activation_store.py``),
+``stats.safetensors`` (per-dimension arrays: ``<hook name>.rms`` etc., Δ quantiles per channel),
 and the figures ``stats_heatmap.png``, ``channel_rms.png``, ``distributions.png``, ``delta.png``,
 ``state_norm.png``.
 
@@ -24,7 +27,7 @@ from mamba_interp.pipeline.activation_stats import (
     delta_stats,
     hook_name,
     norm_by_position,
-    per_head,
+    per_head_rms,
 )
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import register_step
@@ -33,12 +36,19 @@ SUMMARY_KEYS = ("rms", "kurtosis", "dead_fraction", "n_outlier")
 ACTIVATIONS_FILE = "activations.safetensors"
 
 
+STORE_FOLDER = "activations"
+
+
 def load(ctx: StepContext) -> dict:
-    path = ctx.out_dir / ACTIVATIONS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (save_activations was off)")
+    from mamba_interp.pipeline.activation_store import DiskActivationSet
+
+    path, folder = ctx.out_dir / ACTIVATIONS_FILE, ctx.out_dir / STORE_FOLDER
     result = ctx.results.get(2)
     dataset = result.metrics.get("dataset") if result is not None else None
+    if (folder / "index.json").is_file():
+        return {"activations": DiskActivationSet.open(folder), "dataset": dataset}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (save_activations was off)")
     return {"activations": ActivationSet.load(path), "dataset": dataset}
 
 
@@ -51,27 +61,26 @@ def _A(model: Any, layer: int) -> torch.Tensor:
                load=load, reads=("layers", "batch_size", "hooks", "dead_threshold", "outlier_ratio", "save_activations",
                                  "figures"))
 def run(ctx: StepContext) -> StepResult:
-    from mamba_interp.pipeline.activation_stats import collect_activations
+    from mamba_interp.pipeline.activation_store import DiskActivationSet, collect_for_run
 
     ds = ctx.data(1)
     batch, dataset = ds["batch"], ds["primary"]
     cfg = ctx.model.cfg
     hooks = ctx.config.hooks
-    acts = collect_activations(
-        ctx.model, batch.tokens, ctx.layers, hooks, ctx.batch_size, attention_mask=batch.attention_mask,
-        progress=lambda it: ctx.progress(it, desc="collecting"),
-    )
+    acts = collect_for_run(ctx, batch, ctx.layers, hooks, STORE_FOLDER, desc="collecting")
     seq_len = batch.seq_len
     per_layer: dict[str, dict[str, Any]] = {}
     delta: dict[str, Any] = {}
     heads: dict[str, Any] = {}
     state_pos: dict[int, np.ndarray] = {}
     arrays: dict[str, torch.Tensor] = {}
+    extents: dict[tuple[str, int], tuple[float, float]] = {}
     work = [(i, s) for i in ctx.layers for s in hooks]
     for i, s in ctx.progress(work, desc="statistics"):
-        x = acts.tokens(s, i)  # (N, k)
+        x = acts.token_source(s, i)  # (N, k), streamed in chunks of sequences
         st = baseline_stats(x, ctx.config.dead_threshold, ctx.config.outlier_ratio)
         per_layer.setdefault(str(i), {})[s] = st.summary
+        extents[(s, i)] = st.extent
         name = hook_name(s, i)
         for key, arr in st.per_dim.items():
             arrays[f"{name}.{key}"] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
@@ -81,24 +90,26 @@ def run(ctx: StepContext) -> StepResult:
             for key, arr in ds_.per_dim.items():
                 arrays[f"{name}.delta_{key}"] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         if s == STATE_NORM:
-            state_pos[i] = norm_by_position(acts[(s, i)], acts.mask)
+            state_pos[i] = norm_by_position(acts.iter_sequences(s, i))
             arrays[f"{name}.by_position"] = torch.from_numpy(state_pos[i].astype(np.float32))
         if cfg.arch == "mamba2":
             h = cfg.nheads
             if s in ("x", "y"):
-                heads.setdefault(str(i), {})[f"{s}_rms"] = per_head(x, h).tolist()
-            elif s in ("dt", STATE_NORM):
-                heads.setdefault(str(i), {})[f"{s}_median" if s == "dt" else f"{s}_mean"] = (
-                    x.median(0).values if s == "dt" else x.mean(0)).tolist()
+                heads.setdefault(str(i), {})[f"{s}_rms"] = per_head_rms(st.per_dim["rms"], h).tolist()
+            elif s == "dt":
+                heads.setdefault(str(i), {})["dt_median"] = ds_.per_dim["quantiles"][2].tolist()
+            elif s == STATE_NORM:
+                heads.setdefault(str(i), {})["state_norm_mean"] = st.per_dim["mean"].tolist()
     if cfg.arch == "mamba2" and "dt" in hooks:
         for i in ctx.layers:
             tau = arrays[f"{hook_name('dt', i)}.delta_timescale"]
             heads.setdefault(str(i), {})["timescale"] = tau.tolist()
     ctx.save_tensors("stats", arrays)
-    if ctx.config.save_activations:
+    on_disk = isinstance(acts, DiskActivationSet)
+    if ctx.config.save_activations and not on_disk:
         acts.save(ACTIVATIONS_FILE, save=lambda name, tensors, meta: ctx.save_tensors(name, tensors, meta))
     if ctx.config.figures:
-        _figures(ctx, acts, per_layer, delta, state_pos, arrays)
+        _figures(ctx, acts, per_layer, delta, state_pos, arrays, extents)
     metrics: dict[str, Any] = {
         "dataset": dataset,
         "tokens": int(acts.mask.sum()),
@@ -109,6 +120,7 @@ def run(ctx: StepContext) -> StepResult:
         "activation_megabytes": round(acts.nbytes() / 2**20, 2),
         "stats": per_layer,
     }
+    artifacts = [f"{STORE_FOLDER}/{f.name}" for f in sorted(acts.folder.iterdir())] if on_disk else []
     if delta:
         metrics["delta"] = delta
     if state_pos:
@@ -118,7 +130,7 @@ def run(ctx: StepContext) -> StepResult:
     if heads:
         metrics["per_head"] = heads
     return StepResult(metrics=metrics, reading=_reading(ctx, per_layer, delta, state_pos, seq_len),
-                      data={"activations": acts, "dataset": dataset})
+                      artifacts=artifacts, data={"activations": acts, "dataset": dataset})
 
 
 def _reading(ctx: StepContext, per_layer: dict, delta: dict, state_pos: dict, seq_len: int) -> str:
@@ -155,7 +167,7 @@ def _reading(ctx: StepContext, per_layer: dict, delta: dict, state_pos: dict, se
 
 
 def _figures(ctx: StepContext, acts: ActivationSet, per_layer: dict, delta: dict, state_pos: dict,
-             arrays: dict[str, torch.Tensor]) -> None:
+             arrays: dict[str, torch.Tensor], extents: dict[tuple[str, int], tuple[float, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,11 +211,11 @@ def _figures(ctx: StepContext, acts: ActivationSet, per_layer: dict, delta: dict
     rows = -(-len(hooks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False, layout="constrained")
     for ax, s in zip(axes.flat, hooks):
-        values = [acts.tokens(s, i).reshape(-1).numpy() for i in layers]
-        lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+        lo, hi = min(extents[(s, i)][0] for i in layers), max(extents[(s, i)][1] for i in layers)
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 81)
-        for i, v in zip(layers, values):
-            density, _ = np.histogram(v, bins=edges, density=True)
+        for i in layers:  # histogram counts accumulated over chunks: the same density as one np.histogram
+            counts = sum(np.histogram(c.numpy().ravel(), bins=edges)[0] for c in acts.token_source(s, i))
+            density = counts / max(counts.sum(), 1) / np.diff(edges)
             ax.stairs(np.maximum(density, 1e-6), edges, label=f"layer {i}")
         ax.set(title=s, xlabel="value", yscale="log")
     for ax in list(axes.flat)[len(hooks):]:

@@ -2,7 +2,7 @@
 
 For every (hook, layer) in the options (default: the residual stream ``resid_post`` and the SSM input ``x`` and
 output ``y`` at every analysed layer) one SAE (``mamba_interp.sparse_autoencoder.train_sae``; TopK by default,
-d_sae = ``expansion`` · d, sparse_coding.md §8) is trained on step 2's activations of the primary dataset
+d_sae = ``expansion`` · d) is trained on step 2's activations of the primary dataset
 (``ActivationSet.tokens``; Mamba-2's [b, l, h, p] hooks are flattened to h·p). Everything else is measured on
 held-out tokens: step 1's ``heldout`` sequences (fresh samples of the task), or the last ``eval_fraction`` of the
 sequences when there are none (or the task is finite, e.g. modular addition, whose held-out sample is the same
@@ -51,23 +51,26 @@ from torch import Tensor
 from mamba_interp.pipeline import sae_dashboards
 from mamba_interp.pipeline.activation_stats import hook_name
 from mamba_interp.pipeline.context import StepContext, StepResult
+from mamba_interp.pipeline.memory_plan import shuffle_rows
 from mamba_interp.pipeline.registry import register_step
 from mamba_interp.pipeline.sae_figures import draw_figures
 from mamba_interp.pipeline.sae_support import (
     MIN_ABLATION_EFFECT,
     SAE_HOOKS,
     SAEActivations,
+    SAETrainUnit,
     TrainedSAE,
     ablation_hooks,
     best_by_variable,
     correlate_latents,
     fmt_pct,
     fmt_range,
+    layer_inputs,
     sae_activations,
     sae_key,
     target_loss,
     top_examples,
-    train_folded,
+    train_unit,
 )
 from mamba_interp.sparse_autoencoder import (
     ARCHITECTURES,
@@ -139,6 +142,9 @@ class Options:
     """Feature dashboard cards per SAE in the report (0: none)."""
     dashboard_sequences: int = 64
     """Held-out sequences used to rank latents by their ablation effect (one forward and backward pass)."""
+    shuffle_buffer_mb: float = 512.0
+    """SAE training reads all training tokens into memory up to this size; beyond it they stream from the
+    activation store through a shuffle buffer of this size (``train_sae``)."""
 
     def __post_init__(self) -> None:
         hooks = _tuple_of(self.hooks, "hooks", str)
@@ -164,7 +170,7 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a non-negative integer")
-        for name in ("epochs", "lr", "l1_coefficient"):
+        for name in ("epochs", "lr", "l1_coefficient", "shuffle_buffer_mb"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
@@ -231,19 +237,28 @@ def run(ctx: StepContext) -> StepResult:
     histories: dict[str, Any] = {}
     features_eval: dict[str, Tensor] = {}
     work = [(i, h) for i in layers for h in opts.hooks]
-    for idx, (layer, hook) in enumerate(ctx.progress(work, desc="SAEs")):
-        key = sae_key(hook, layer)
-        x_train = data.train.tokens(hook, layer)  # (N_train, k)
+    units = []
+    for idx, (layer, hook) in enumerate(work):
+        width, n_train = data.train.width(hook, layer), int(data.train.mask.sum())
+        cfg = opts.sae_config(width, n_train, (ctx.seed + 7919 * idx) % 2**31, str(ctx.device))
+        units.append(SAETrainUnit(sae_key(hook, layer), hook, layer, data.train.only(hook, layer), cfg,
+                                  shuffle_rows(opts, width)))
+    saes = ctx.executor.map(train_unit, units, desc="training SAEs")  # independent units: local or on Ray
+    starts: dict[int, Tensor] = {}  # the residual stream entering each SAE layer, for the loss passes
+    for idx, ((layer, hook), unit, sae) in enumerate(zip(work, units, ctx.progress(saes, desc="SAEs"))):
+        key, cfg = unit.key, unit.cfg
+        x_train = data.train.token_source(hook, layer)  # (N_train, k), streamed from the store
         x_eval = data.eval.tokens(hook, layer)  # (N_eval, k)
-        cfg = opts.sae_config(x_train.shape[1], x_train.shape[0], (ctx.seed + 7919 * idx) % 2**31, str(ctx.device))
-        sae = train_folded(x_train, cfg)
         histories[key] = sae.training_history
         m_eval = sae_metrics(sae, x_eval)
         m_train = sae_metrics(sae, x_train)
         name = hook_name(hook, layer)
-        losses = {kind: target_loss(ctx.model, ev, ctx.batch_size, [(name, fn)])
-                  for kind, fn in ablation_hooks(x_train.double().mean(0).float()).items()}
-        losses["spliced"] = target_loss(ctx.model, ev, ctx.batch_size, saes={name: sae})
+        if layer not in starts:
+            starts[layer] = layer_inputs(ctx.model, ev, layer, ctx.batch_size)
+        start = (layer, starts[layer])
+        losses = {kind: target_loss(ctx.model, ev, ctx.batch_size, [(name, fn)], start=start)
+                  for kind, fn in ablation_hooks(x_train.mean().float()).items()}
+        losses["spliced"] = target_loss(ctx.model, ev, ctx.batch_size, saes={name: sae}, start=start)
         lr_ = loss_recovered(clean, losses["spliced"], losses["zero"], losses["mean"])
         f = encode_activations(sae, x_eval)  # (N_eval, m)
         features_eval[key] = f

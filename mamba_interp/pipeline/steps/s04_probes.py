@@ -197,8 +197,7 @@ def run(ctx: StepContext) -> StepResult:
         raise StepSkipped("no ground-truth variable varies on the datasets (nothing to probe)")
     report = None
     for name, (b, a, d) in sets.items():
-        part = probe_model(ctx.model, b, ctx.layers, hooks, variables=d, acts=a,
-                           progress=lambda it, n=name: ctx.progress(it, desc=f"probes ({n})"), **search)
+        part = probe_model(ctx.model, b, ctx.layers, hooks, variables=d, acts=a, executor=ctx.executor, **search)
         if report is None:
             report = part
         else:
@@ -231,6 +230,7 @@ def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any,
     ``amnesic_sequences`` of step 1's held-out sequences (the prompt set itself for the other prompt sets, and for
     finite tasks, whose held-out sample repeats the test split)."""
     from mamba_interp.probing import amnesic_test, prepare_variables, run_model
+    from mamba_interp.probing.search import cell_features
 
     heldout = ds.get("heldout")
     out: dict[str, dict] = {}
@@ -245,7 +245,7 @@ def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any,
                 continue
             best = report.best(var_name)
             acts = a if a is not None else _collect(ctx, b, best.layer, best.hook)
-            x = acts.tokens(best.hook, best.layer)[torch.as_tensor(var.rows)]
+            x = torch.from_numpy(cell_features(acts, best.hook, best.layer, var)).float()
             test = amnesic_test(ctx.model, x, var.y, best.layer, best.hook, ev, ev_vars[short].positions,
                                 task=var.task, variable=var_name, batch_size=ctx.batch_size, seed=kw["seed"],
                                 n_resamples=opts.n_resamples, clean=clean)

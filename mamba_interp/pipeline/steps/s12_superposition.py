@@ -1,6 +1,6 @@
 """Step 12 (superposition): feature geometry, interference and dimensionality, in the toy model and in the SAEs.
 
-1. The Toy Models of Superposition reproduction (Elhage et al. 2022, arXiv 2209.10652; sparse_coding.md §4):
+1. The Toy Models of Superposition reproduction (Elhage et al. 2022, arXiv 2209.10652):
    5 features in 2 hidden dimensions, importance 0.9^i, one model per feature probability p = 1 − S
    (default S = 0, 0.8, 0.9, 0.95), ``n_init`` initialisations each, trained together (``train_toy_models``); per
    sparsity the initialisation with the lowest loss on fresh data is reported (with the geometries of all).

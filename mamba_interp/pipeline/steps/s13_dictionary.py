@@ -1,4 +1,4 @@
-"""Step 13 (dictionary): classical sparse dictionary learning next to step 3's SAEs (sparse_coding.md §6).
+"""Step 13 (dictionary): classical sparse dictionary learning next to step 3's SAEs.
 
 For each chosen SAE of step 3 (default: the residual-stream ones), scikit-learn's ``MiniBatchDictionaryLearning``
 (Mairal et al. 2009; ``mamba_interp.dictionary_learning.fit_dictionary``) is fitted on a seeded subset of the same

@@ -1,4 +1,4 @@
-"""Fast scans equal the reference step loops, in values and gradients (style.md guideline 7)."""
+"""Fast scans equal the reference step loops, in values and gradients (every fast path has a reference)."""
 
 import pytest
 import torch

@@ -1,0 +1,65 @@
+"""Scoring a model at chosen positions without full-vocabulary logits of whole batches.
+
+A forward pass's logits are [b, l, v]: at 64 × 256 tokens and mamba-130m's 50280-token vocabulary that is 3.3 GB
+(and the log-softmax another 3.3 GB). Metrics read them only at scored positions, so :func:`score_positions` runs
+the blocks, applies the final norm (with its hook) to the residual stream [b, l, d], and unembeds only the selected
+positions, ``LOGIT_CHUNK`` at a time. :func:`layer_input` and ``start_layer`` let passes that differ only from one
+layer on (an SAE spliced into layer i, its ablations) reuse the residual stream entering that layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mamba_interp.pipeline.memory_plan import LOGIT_CHUNK
+
+
+def run_blocks(model: Any, resid: torch.Tensor, attention_mask: torch.Tensor | None, start_layer: int) -> torch.Tensor:
+    """Blocks ``start_layer ..`` applied to the residual stream entering ``start_layer`` [b, l, d] (hooks attached
+    with ``model.hooks(...)`` fire as in a full forward pass) -> the residual stream after the last block."""
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.to(resid.device)
+        if bool(mask.all()):
+            mask = None  # as HookedMamba.forward: an all-ones mask is no mask
+    for block in model.blocks[start_layer:]:
+        resid = block(resid, mask)
+    return resid
+
+
+@torch.no_grad()
+def layer_input(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """The residual stream entering block ``layer`` [b, l, d] (``blocks.<layer>.hook_resid_pre``)."""
+    return model(ids, attention_mask=attention_mask, stop_at_layer=layer)
+
+
+@torch.no_grad()
+def score_positions(model: Any, ids: torch.Tensor, targets: torch.Tensor, select: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, fwd_hooks: list | None = None,
+                    start: tuple[int, torch.Tensor] | None = None, chunk: int = LOGIT_CHUNK
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` [b, l] and the argmax token at the positions ``select`` [b, l] (bool).
+
+    Returns (log_prob [P], prediction [P]) in the row-major order of ``select.nonzero()``; targets < 0 (ignored
+    positions) score the log-probability of token 0. ``start=(layer, resid)`` begins at block ``layer`` from a
+    cached residual stream [b, l, d] (``layer_input``); then ``fwd_hooks`` must be at that layer or later.
+    """
+    device = next(model.parameters()).device
+    with model.hooks(fwd_hooks=fwd_hooks or []):
+        if start is None:
+            resid = model(ids.to(device), attention_mask=attention_mask, stop_at_layer=model.cfg.n_layer)
+        else:
+            resid = run_blocks(model, start[1].to(device), attention_mask, start[0])
+        normed = model.hook_norm_final(model.norm_f(resid))  # (b, l, d)
+    rows = normed[select.to(device)]  # (P, d)
+    tgt = targets.to(device)[select.to(device)].clamp(min=0)
+    log_prob = torch.empty(rows.shape[0], dtype=torch.float32, device=device)
+    pred = torch.empty(rows.shape[0], dtype=torch.long, device=device)
+    for s in range(0, rows.shape[0], chunk):
+        logits = model.lm_head(rows[s:s + chunk].to(model.lm_head.weight.dtype)).float()  # (c, v)
+        lp = torch.log_softmax(logits, -1)
+        log_prob[s:s + chunk] = lp.gather(-1, tgt[s:s + chunk, None])[:, 0]
+        pred[s:s + chunk] = logits.argmax(-1)
+    return log_prob, pred
