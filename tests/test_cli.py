@@ -114,7 +114,7 @@ def test_no_arguments_runs_every_step_of_the_default_model_into_results(tmp_path
     """What ``python mamba_mechanistic_analysis.py`` does, with the run itself stubbed (the real run is below)."""
     from mamba_interp.pipeline import RunConfig, Runner
     from mamba_interp.pipeline.model_source import default_model_name, import_zoo
-    from mamba_interp.pipeline.registry import all_steps
+    from mamba_interp.pipeline.registry import all_steps, default_steps
     from mamba_interp.pipeline.runner import RunSummary
 
     zoo = import_zoo()
@@ -129,7 +129,8 @@ def test_no_arguments_runs_every_step_of_the_default_model_into_results(tmp_path
     monkeypatch.setattr(Runner, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     assert cli.run_main([]) == 0
-    assert seen["config"] == RunConfig() and seen["planned"] == sorted(all_steps())
+    assert seen["config"] == RunConfig() and seen["planned"] == default_steps()
+    assert set(all_steps()) - set(default_steps()) == {17, 18, 19}   # the decomposition steps: named only
     assert seen["model"] == zoo.DEFAULT
     assert seen["out"].parent == Path("results") and seen["out"].name.startswith(zoo.DEFAULT)
     assert f"Report: {seen['out'] / 'report.html'}" in capsys.readouterr().out

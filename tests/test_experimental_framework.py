@@ -172,7 +172,15 @@ from experimental_framework import ExperimentConfig, MambaMechanisticAnalyzer
 from sparse_autoencoder import SparseAutoencoder, load_sae
 
 config = ExperimentConfig(model_name="induction-mamba1", output={out!r}, samples=16, batch_size=16, quiet=True,
-                          figures=False, step_options={{"sae": {{"hooks": ["resid_post"], "epochs": 1.0}}}})
+                          figures=False, step_options={{"sae": {{"hooks": ["resid_post"], "epochs": 1.0}},
+                                                        # steps 4-8 on few hooks and controls (time budget)
+                                                        "probes": {{"hooks": ["resid_post"], "amnesic": False}},
+                                                        "ssm_dynamics": {{"knockout": False}},
+                                                        "temporal": {{"lengths": []}},
+                                                        "circuits": {{"hooks": ["resid_pre", "ssm_state"],
+                                                                      "max_evals": 20}},
+                                                        "causality": {{"n_random": 10, "agreement_samples": 4,
+                                                                       "n_permutations": 999}}}})
 analyzer = MambaMechanisticAnalyzer(config)
 analyzer.setup()
 activations = analyzer.collect_activations()

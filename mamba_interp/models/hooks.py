@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
+BwdHookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
+"""``fn(grad, hook) -> grad | None``: sees dLoss/d(activation); a returned tensor replaces that gradient."""
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 _GLOB_CHARS = set("*?[")
@@ -169,24 +171,58 @@ class HookedRootModule(nn.Module):
 
     # ---- attaching hooks -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = ()) -> Iterator[HookedRootModule]:
-        """Attach ``(name_or_filter, fn)`` hooks for the duration of the ``with`` block."""
+    def hooks(
+        self,
+        fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (),
+        bwd_hooks: Iterable[tuple[NamesFilter, BwdHookFn]] = (),
+    ) -> Iterator[HookedRootModule]:
+        """Attach ``(name_or_filter, fn)`` hooks for the duration of the ``with`` block.
+
+        ``bwd_hooks`` (TransformerLens' ``bwd_hooks``): ``fn(grad, hook)`` runs during a backward pass started
+        inside the block, with the gradient of the activation that flowed downstream (after this call's forward
+        hooks). Call ``backward`` inside the block: the gradient hooks are removed with the forward ones.
+        """
+        with self._attached(fwd_hooks, bwd_hooks, []):
+            yield self
+
+    @contextlib.contextmanager
+    def _attached(self, fwd_hooks: Iterable, bwd_hooks: Iterable, grad_targets: list[torch.Tensor]) -> Iterator[None]:
+        """``hooks()``; activations that receive a gradient hook are appended to ``grad_targets``."""
         attached: list[tuple[HookPoint, HookFn]] = []
+        grad_handles: list[Any] = []
         try:
-            for names_filter, fn in fwd_hooks:
+            hooks = list(fwd_hooks) + [(f, _grad_hook_installer(fn, grad_handles, grad_targets))
+                                       for f, fn in bwd_hooks]
+            for names_filter, fn in hooks:
                 if not callable(fn):
                     raise HookError(f"hook for {names_filter!r} is {type(fn).__name__}, not a function")
                 for name in self.hook_names(names_filter):
                     self.hook_dict[name].add(fn)
                     attached.append((self.hook_dict[name], fn))
-            yield self
+            yield
         finally:
+            for handle in grad_handles:
+                handle.remove()
             for hp, fn in reversed(attached):
                 hp.remove(fn)
 
-    def run_with_hooks(self, *args: Any, fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (), **kwargs: Any):
-        with self.hooks(fwd_hooks=fwd_hooks):
-            return self(*args, **kwargs)
+    def run_with_hooks(
+        self,
+        *args: Any,
+        fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (),
+        bwd_hooks: Iterable[tuple[NamesFilter, BwdHookFn]] = (),
+        backward_fn: Callable[[Any], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ):
+        """Run with hooks attached. With ``bwd_hooks``, ``backward_fn(output) -> scalar`` (or the output itself
+        when it is a scalar) is back-propagated inside the block so the backward hooks fire; parameter gradients
+        are not accumulated."""
+        bwd_hooks, targets = list(bwd_hooks), []
+        with self._attached(fwd_hooks, bwd_hooks, targets), _grad_mode(bool(bwd_hooks)):
+            out = self(*args, **kwargs)
+            if bwd_hooks:
+                _backward_to_activations(out, backward_fn, dict(enumerate(targets)))
+            return out
 
     def run_with_cache(
         self,
@@ -195,6 +231,8 @@ class HookedRootModule(nn.Module):
         device: str | torch.device | None = None,
         detach: bool = True,
         fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (),
+        incl_bwd: bool = False,
+        backward_fn: Callable[[Any], torch.Tensor] | None = None,
         **kwargs: Any,
     ):
         """Run the model and return ``(output, ActivationCache)``.
@@ -203,19 +241,86 @@ class HookedRootModule(nn.Module):
         downstream; for a ``fwd_hooks`` hook that substitutes ``hook_ssm_state`` that is the tensor the hook returned
         (the recurrence continues from it, docs/hooks.md). ``device`` moves cached tensors (e.g. ``"cpu"`` to keep GPU
         memory free); ``detach=False`` keeps them in the autograd graph.
+
+        ``incl_bwd=True`` also caches the gradient of ``backward_fn(output)`` (a scalar; default: the output, which
+        must then be a scalar) w.r.t. every cached activation, under ``"<name>_grad"``, as TransformerLens does
+        (without accumulating parameter gradients). The gradient of ``hook_ssm_state`` is that of the readout
+        y_t = C_t·h_t + D·u_t at each token: the recurrence from h_t to h_{t+1} runs inside the scan.
         """
         from mamba_interp.models.cache import ActivationCache
 
         store: dict[str, torch.Tensor] = {}
+        live: dict[str, torch.Tensor] = {}
 
-        @reads_only
-        def save(x: torch.Tensor, hook: HookPoint) -> None:
+        @reads_only  # may return a fresh leaf (to receive a gradient), never edits its input
+        def save(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+            if incl_bwd and not x.requires_grad:  # e.g. hook_h0's zeros: make it a leaf so its gradient exists
+                x = x.detach().requires_grad_(True)
+                live[hook.name] = x
+                store[hook.name] = x.detach().to(device) if device is not None else x.detach()
+                return x
+            if incl_bwd:
+                live[hook.name] = x
             y = x.detach() if detach else x
             store[hook.name] = y.to(device) if device is not None else y
+            return None
 
         names = self.hook_names(names_filter)
-        with self.hooks(fwd_hooks=fwd_hooks):
+        with self.hooks(fwd_hooks=fwd_hooks), _grad_mode(incl_bwd):
             with self.hooks(fwd_hooks=[(names, save)] if names else []):
                 out = self(*args, **kwargs)
+            if incl_bwd:
+                grads = _backward_to_activations(out, backward_fn, live)
+                store.update({f"{n}_grad": g.to(device) if device is not None else g for n, g in grads.items()})
         ordered = {n: store[n] for n in self.hook_dict if n in store}
+        ordered.update({k: v for k, v in store.items() if k.endswith("_grad")})
         return out, ActivationCache(ordered, self)
+
+
+# ---- backward hooks --------------------------------------------------------------------------------
+def _grad_hook_installer(fn: BwdHookFn, handles: list[Any], targets: list[torch.Tensor]) -> HookFn:
+    """A forward hook that registers ``fn`` as a gradient hook on the activation flowing downstream."""
+    if not callable(fn):
+        raise HookError(f"backward hook is {type(fn).__name__}, not a function")
+
+    @reads_only
+    def install(x: torch.Tensor, hook: HookPoint) -> None:
+        if x.requires_grad:
+            handles.append(x.register_hook(lambda g: _checked_grad(fn, fn(g, hook), g, hook)))
+            targets.append(x)
+
+    install.__qualname__ = f"backward hook {_fn_name(fn)}"
+    return install
+
+
+def _checked_grad(fn: Any, out: Any, grad: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != grad.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise HookError(f"backward hook {_fn_name(fn)} on {hook.name} returned {got}, expected a gradient of shape "
+                        f"{tuple(grad.shape)} or None")
+    return out
+
+
+def _grad_mode(enabled: bool):
+    return torch.enable_grad() if enabled else contextlib.nullcontext()
+
+
+def _backward_to_activations(out: Any, backward_fn: Callable[[Any], torch.Tensor] | None,
+                             live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Back-propagate ``backward_fn(out)`` (a scalar) to the activations in ``live`` (and through every gradient
+    hook on the way), without touching parameters' ``.grad``; returns name -> gradient (zeros where unused)."""
+    loss = out if backward_fn is None else backward_fn(out)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise HookError(f"a backward pass needs a scalar, got {shape}; pass backward_fn=lambda logits: "
+                        "<scalar>, e.g. a metric averaged over the batch")
+    if not loss.requires_grad:
+        raise HookError("the backward scalar does not depend on any activation that requires grad")
+    names = [n for n, t in live.items() if t.requires_grad]
+    tensors = [live[n] for n in names]
+    if not tensors:
+        return {}
+    grads = torch.autograd.grad(loss.reshape(()), tensors, allow_unused=True)
+    return {n: torch.zeros_like(t) if g is None else g.detach() for n, t, g in zip(names, tensors, grads)}

@@ -181,7 +181,8 @@ def implemented_summary() -> str:
 
 
 def with_requirements(numbers: tuple[int, ...] | list[int]) -> list[int]:
-    """``numbers`` plus everything they require, transitively, sorted."""
+    """``numbers`` plus everything they require, transitively, in run order: by number, except that a step runs
+    after every step it requires (step 5 reads the evidence of steps 7 and 8)."""
     steps = all_steps()
     out: set[int] = set()
     stack = list(numbers)
@@ -194,4 +195,25 @@ def with_requirements(numbers: tuple[int, ...] | list[int]) -> list[int]:
             if r not in steps:
                 raise UsageError(f"step {n} requires step {r}, which is not implemented")
             stack.append(r)
-    return sorted(out)
+    return _run_order(out)
+
+
+def _run_order(numbers: set[int]) -> list[int]:
+    """Topological order of ``numbers`` by ``requires``, the smallest ready number first."""
+    import heapq
+
+    waiting = {n: {r for r in get_step(n).requires if r in numbers} for n in numbers}
+    ready = [n for n, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        n = heapq.heappop(ready)
+        order.append(n)
+        for m, deps in waiting.items():
+            if n in deps:
+                deps.discard(n)
+                if not deps:
+                    heapq.heappush(ready, m)
+    if len(order) != len(numbers):
+        raise UsageError(f"steps {sorted(set(numbers) - set(order))} require each other in a cycle")
+    return order

@@ -415,6 +415,39 @@ class FactualRecallTask(TextTask):
         return TaskBatch(tokens, targets, metadata, attention_mask=mask)
 
 
+    def corrupt(self, batch: TaskBatch, seed: int) -> TaskBatch:
+        """Symmetric token replacement (Zhang & Nanda 2023, arXiv 2309.16042): each subject is replaced by another
+        subject with as many tokens, of the same relation when one exists (else of any relation; else tokens of the
+        other subjects), so every position keeps its role. The corrupted batch's ``answer`` is the replacement
+        fact's answer token for a same-relation swap (the clean answer's rival in a logit difference), else −1."""
+        rng = np.random.default_rng([int(seed), 7])
+        spans = []
+        for _, template, subject, answer in FACTS:
+            ids, slots = encode_template(self.tokenizer, template, {"SUBJECT": subject})
+            _, start, end = slots[0]
+            spans.append((ids[start:end], _encode(self.tokenizer, " " + answer)[0]))
+        tokens = batch.tokens.clone()
+        new_answer = torch.full((len(batch),), -1, dtype=torch.long)
+        for i in range(len(batch)):
+            f = int(batch.metadata["fact_id"][i])
+            relation, sub_ids = FACTS[f][0], spans[f][0]
+            same_len = [g for g in range(len(FACTS)) if len(spans[g][0]) == len(sub_ids) and spans[g][0] != sub_ids]
+            same_rel = [g for g in same_len if FACTS[g][0] == relation and spans[g][1] != spans[f][1]]
+            pool = same_rel or same_len
+            first = int(batch.metadata["subject_first_pos"][i])
+            if pool:
+                g = pool[int(rng.integers(len(pool)))]
+                replacement = spans[g][0]
+            else:
+                others = [t for h, (ids, _) in enumerate(spans) if FACTS[h][2] != FACTS[f][2] for t in ids]
+                replacement = [others[int(j)] for j in rng.integers(len(others), size=len(sub_ids))]
+            tokens[i, first:first + len(sub_ids)] = torch.tensor(replacement)
+            if same_rel:
+                new_answer[i] = spans[g][1]
+        return TaskBatch(tokens, batch.targets.clone(), {**batch.metadata, "answer": new_answer},
+                         attention_mask=batch.attention_mask, task=self.name)
+
+
 def builtin_words() -> list[str]:
     """Every word and punctuation mark the built-in IOI and factual templates use (to build a toy tokenizer)."""
     text = " ".join(

@@ -80,3 +80,17 @@ def test_steps_left_out_of_the_default_run(temp_steps, tmp_path):
     assert 86 not in default_steps() and 0 in default_steps()
     assert get_step(86).default is False
     assert "slow_one" in list_steps() and "not in the default run" in list_steps()
+
+
+def test_a_step_runs_after_later_numbered_requirements(temp_steps):
+    @register_step(90, "ninety", requires=(1, 92))
+    def a(ctx):
+        return StepResult()
+
+    @register_step(92, "ninety_two", requires=(0,))
+    def b(ctx):
+        return StepResult()
+
+    temp_steps += [90, 92]
+    assert with_requirements([90]) == [0, 1, 92, 90]
+    assert with_requirements([90, 2]) == [0, 1, 2, 92, 90]

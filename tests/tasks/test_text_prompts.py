@@ -120,6 +120,23 @@ def test_factual_recall(tokenizer):
     assert (md["answer_pos"] == batch.tokens.shape[1] - 1).all()
 
 
+def test_factual_recall_corrupted_partner(tokenizer):
+    task = get_task("factual_recall", tokenizer=tokenizer)
+    batch = task.sample(len(FACTS), seed=0)
+    bad = task.corrupt(batch, seed=3)
+    md = batch.metadata
+    assert bad.tokens.shape == batch.tokens.shape and torch.equal(bad.attention_mask, batch.attention_mask)
+    changed = (bad.tokens != batch.tokens)
+    pos = torch.arange(batch.tokens.shape[1])[None]
+    in_subject = (pos >= md["subject_first_pos"][:, None]) & (pos <= md["subject_last_pos"][:, None])
+    assert not bool((changed & ~in_subject).any())  # only subject tokens change
+    assert bool(changed.any(1).all())
+    same_relation = bad.metadata["answer"] >= 0
+    assert bool(same_relation.any())
+    assert bool((bad.metadata["answer"][same_relation] != md["answer"][same_relation]).all())
+    assert torch.equal(task.corrupt(batch, seed=3).tokens, bad.tokens)
+
+
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(TokenizerUnavailableError, match="offline"):
         load_tokenizer(tmp_path / "no-such-tokenizer")
