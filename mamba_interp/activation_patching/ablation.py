@@ -2,7 +2,7 @@
 
 Mean and resample ablation remove only the information that varies across the distribution (keeping constant
 signal such as position), zero ablation can push the model off-distribution (Miller, Chughtai & Saunders 2024,
-arXiv 2407.08734; ``causal.md`` §1.4). The mean here is taken over the reference examples *and* the positions an
+arXiv 2407.08734). The mean here is taken over the reference examples *and* the positions an
 ablated site covers (for one absolute position: the batch mean at that position, auto-circuit's TOKENWISE_MEAN;
 for a position class such as "the token after the trigger": the mean over those tokens).
 """

@@ -14,7 +14,7 @@ A :class:`Patch` writes source values (another run's activations, a mean, zeros)
    the cache (``hook_conv``); every later value is then the full run's. This needs the per-token states of the base
    run, so it is used when they fit ``max_cache_bytes``.
 
-State patches (``hook_ssm_state``) have two semantics (issue 10; ``causal.md`` §5.2): ``"propagate"`` — the
+State patches (``hook_ssm_state``) have two semantics (docs/hooks.md): ``"propagate"`` — the
 substituted state feeds the rest of the recurrence (the model's own ``hook_ssm_state`` semantics, a step loop that
 overwrites h_t); ``"readout"`` — only y_t sees the patched state: y_t += C_t·(h'_t − h_t), while the recurrence
 continues from the unpatched h_t.

@@ -6,7 +6,7 @@ d_model dims), some flattened feature dims (``flat=True``: a probe's support), o
 directions of the flattened feature axis, e.g. SAE decoder directions). A circuit's *size* is its number of
 channels, dims or directions.
 
-Random controls (``causal.md`` §8: draw component sets matched in size, layer and type): the same number of
+Random controls (component sets matched in size, layer and type): the same number of
 channels (dims, directions) at every (layer, hook, position class) of the circuit, drawn uniformly — random
 orthonormal bases (QR of a Gaussian) for subspace units.
 """

@@ -60,7 +60,7 @@ The contract, in detail:
 
 * ``register_step(number, name, requires=(...), title=..., load=None, options=None, version=1, default=True,
   reads=None)``.
-  ``number`` keeps the methodology's numbering (README's step table); ``name`` is lower_snake_case and names the folder
+  ``number`` keeps the methodology's numbering (docs/architecture.md); ``name`` is lower_snake_case and names the folder
   ``step_NN_<name>``. ``requires`` lists the steps whose in-memory data the step reads; they run first (or are
   reused from disk when not selected / on ``--resume``). Requirements are transitive; 1 requires 0.
 * ``ctx`` (:class:`StepContext`): ``model`` (a ``HookedMamba`` on ``ctx.device``, eval mode), ``config``

@@ -8,7 +8,7 @@ pair of seeds (every pair) and each (analysed model, other size) pair:
 
 * Representations: debiased linear CKA of the residual streams at the same depth (``comparison.cka``), with a
   sequence-bootstrap CI (``comparison.GroupedLinearCKA``), against a random-init null (the first model against a
-  freshly initialised model of the second's architecture; comparative.md §3.2 (c)).
+  freshly initialised model of the second's architecture, Kornblith et al. 2019's random baseline).
 * Lookup (Mamba models on recall tasks; step 7's ``temporal_causality`` measures): each model's lookup layer
   (where the hidden-attention row of the query peaks at the source most often), whether the models agree on it,
   and at that layer the induction score and the knockout accuracy drop across the models.
