@@ -1,7 +1,8 @@
 """Train a tiny HookedMamba (Mamba-1 / Mamba-2) or the GPT-2 baseline on a task.
 
-AdamW (betas 0.9/0.98, Nanda et al. 2023's setting for small algorithmic models) with linear warmup then cosine decay to ``min_lr_frac·lr``;
-weight decay on matrices and embeddings only (not on biases, norms, ``A_log``, ``D``, ``dt_bias``, following
+AdamW (betas 0.9/0.98, Nanda et al. 2023's setting for small algorithmic models) with linear warmup then cosine
+decay to ``min_lr_frac·lr``; weight decay on matrices and embeddings only (not on biases, norms, ``A_log``, ``D``,
+``dt_bias``, following
 mamba_ssm's ``_no_weight_decay``) unless ``decay_all``. Each step draws a fresh training batch from the task's
 ``"train"`` stream (seed = ``seed·1_000_003 + step``); accuracy is measured on a held-out ``"test"`` sample fixed
 at the start, or on the test split of a finite task (modular addition, trained full-batch with

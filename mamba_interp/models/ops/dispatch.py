@@ -4,8 +4,9 @@
 CPU default); ``"parallel"`` (Mamba-1 Hillis–Steele, the GPU default without kernels); ``"chunked"`` (Mamba-2
 chunked SSD, the default on every device without kernels); ``"kernel"`` (mamba_ssm's fused CUDA kernels).
 
-Measured side by side (docs/performance.md): on CPU the low-memory loop beat the parallel scan for Mamba-1; the chunked SSD is matmul-shaped for Mamba-2's scalar-per-head decay and wins there.
-On GPU per-step launches dominate, so a log-depth or chunked scan (or the fused kernel) is the default.
+Measured side by side (docs/performance.md): on CPU the low-memory loop beat the parallel scan for Mamba-1; the
+chunked SSD is matmul-shaped for Mamba-2's scalar-per-head decay and wins there. On GPU per-step launches dominate,
+so a log-depth or chunked scan (or the fused kernel) is the default.
 """
 
 from __future__ import annotations
