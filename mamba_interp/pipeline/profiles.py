@@ -64,14 +64,14 @@ CIRCUIT_THRESHOLD = 0.9
 class ProfileSettings:
     """Shared settings of every profile in a run (part of the cache key)."""
 
-    sequences: int = 128
+    sequences: int = 64
     """Sequences of step 1's batch (every token) for streams and SAE features; as many of the held-out batch
     train the SAE."""
     length_multiples: tuple[int, ...] = (1, 4, 16)
     long_sequences: int = 32
     sae_expansion: int = 4
     sae_k: int = 8
-    sae_steps: int = 500
+    sae_steps: int = 300
     influence_sequences: int = 16
     """Sequences at the longest length for the input influence (memory horizon, top-source hit)."""
     probe_hooks: tuple[str, ...] = PROBE_HOOKS
@@ -83,7 +83,7 @@ class ProfileSettings:
     """Sequences of step 1's batch the circuit is searched on; twice as many held-out ones test it."""
     circuit_max_evals: int = 60
     """Real patches the circuit search may spend (``find_circuit``'s ``max_evals``)."""
-    circuit_random: int = 20
+    circuit_random: int = 10
     """Random circuits of the same layout in the sufficiency null (``evaluate_circuit``'s ``n_random``)."""
     seed: int = 0
 

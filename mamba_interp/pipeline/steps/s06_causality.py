@@ -43,7 +43,7 @@ class Options:
     """Held-out examples per dataset; None: as many as step 1 sampled (``--samples``)."""
     n_random: int = 100
     """Random control circuits per circuit (the null)."""
-    null_examples: int | None = 64
+    null_examples: int | None = 16
     """Held-out examples the random controls run on (the circuit is re-measured on them for the paired test);
     None: all of them (``n_random`` times the cost of the circuit's own tests)."""
     null_kinds: tuple[str, ...] = ("sufficiency", "resample")

@@ -68,20 +68,20 @@ from mamba_interp.pipeline.registry import StepSkipped, register_step
 
 @dataclass(frozen=True)
 class Options:
-    sequences: int = 128
+    sequences: int = 64
     """Shared profile settings (keep them equal in steps 10 and 14 to compute the profiles once)."""
     length_multiples: tuple[int, ...] = (1, 4, 16)
     long_sequences: int = 32
     sae_expansion: int = 4
     sae_k: int = 8
-    sae_steps: int = 500
+    sae_steps: int = 300
     influence_sequences: int = 16
     probe_hooks: tuple[str, ...] = PROBE_HOOKS
     probe_k: int = 8
     probe_tokens: int = 1000
     circuit_sequences: int = 32
     circuit_max_evals: int = 60
-    circuit_random: int = 20
+    circuit_random: int = 10
     bootstrap: int = 200
     """Sequence-bootstrap resamples per CKA."""
     rotations: int = 20
