@@ -68,20 +68,21 @@ from mamba_interp.pipeline.registry import StepSkipped, register_step
 
 @dataclass(frozen=True)
 class Options:
-    sequences: int = 64
-    """Shared profile settings (keep them equal in steps 10 and 14 to compute the profiles once)."""
-    length_multiples: tuple[int, ...] = (1, 4, 16)
-    long_sequences: int = 32
-    sae_expansion: int = 4
-    sae_k: int = 8
-    sae_steps: int = 300
-    influence_sequences: int = 16
-    probe_hooks: tuple[str, ...] = PROBE_HOOKS
-    probe_k: int = 8
-    probe_tokens: int = 1000
-    circuit_sequences: int = 32
-    circuit_max_evals: int = 60
-    circuit_random: int = 10
+    sequences: int = ProfileSettings.sequences
+    """Shared profile settings, defaults from ``ProfileSettings`` (steps 10 and 14 share these options, so the
+    profiles are computed once)."""
+    length_multiples: tuple[int, ...] = ProfileSettings.length_multiples
+    long_sequences: int = ProfileSettings.long_sequences
+    sae_expansion: int = ProfileSettings.sae_expansion
+    sae_k: int = ProfileSettings.sae_k
+    sae_steps: int = ProfileSettings.sae_steps
+    influence_sequences: int = ProfileSettings.influence_sequences
+    probe_hooks: tuple[str, ...] = ProfileSettings.probe_hooks
+    probe_k: int = ProfileSettings.probe_k
+    probe_tokens: int = ProfileSettings.probe_tokens
+    circuit_sequences: int = ProfileSettings.circuit_sequences
+    circuit_max_evals: int = ProfileSettings.circuit_max_evals
+    circuit_random: int = ProfileSettings.circuit_random
     bootstrap: int = 200
     """Sequence-bootstrap resamples per CKA."""
     rotations: int = 20
