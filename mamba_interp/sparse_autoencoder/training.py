@@ -180,12 +180,74 @@ def _variance(x: Tensor) -> Tensor:
 
 
 def training_loss(
-    sae: SparseAutoencoder, x: Tensor, coefficient: float, dead: Tensor | None
+    sae: SparseAutoencoder, x: Tensor, coefficient: float, dead: Tensor | None, dense: bool = False
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Loss of one batch x [t, d] of *normalised* activations.
 
-    Returns (loss, f [t, m], parts), the parts being mse, sparsity, aux and fvu (detached except the loss).
+    Returns (loss, f [t, m], parts), the parts being mse, sparsity, aux and fvu (detached except the loss; f is
+    detached on the fast path).
+
+    ``dense=True`` is the reference: every product is a dense matmul, as written in the papers. The default fast
+    path gives the same loss and gradients with fewer [t, d] x [d, m] products: the pre-activations are
+    x W_enc − b_dec W_enc + b_enc (b_dec's gradient then needs no [t, m] x [m, d] product), and TopK decodes only
+    its k selected rows of W_dec per token (``topk_decode``) instead of multiplying a [t, m] matrix that is zero
+    but for k entries per row — forward and backward of the decoder cost t·k·d instead of t·m·d.
     """
+    if dense:
+        return _dense_training_loss(sae, x, coefficient, dead)
+    cfg = sae.cfg
+    arch = cfg.architecture
+    h = x @ sae.W_enc - sae.b_dec @ sae.W_enc + sae.b_enc  # [t, m]
+    zero = torch.zeros((), device=x.device)
+    sparsity, aux = zero, zero
+    if arch == "topk":
+        values, idx = torch.relu(h).topk(cfg.k, dim=-1, sorted=False)  # [t, k]
+        x_hat = topk_decode(values, idx, sae.W_dec) + sae.b_dec
+        with torch.no_grad():
+            f = torch.zeros_like(h).scatter(-1, idx, values)
+    else:
+        if arch == "relu":
+            f = torch.relu(h)
+        elif arch == "batchtopk":
+            f = topk_per_batch(torch.relu(h), cfg.k)
+        else:
+            f = JumpReLUFn.apply(h, sae.threshold, cfg.jumprelu_bandwidth)
+        x_hat = f @ sae.W_dec + sae.b_dec
+        if arch == "relu":
+            sparsity = (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
+        elif arch == "jumprelu":
+            sparsity = StepFn.apply(h, sae.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+    err = x - x_hat
+    mse = err.pow(2).sum(-1).mean()
+    if cfg.uses_auxk and dead is not None and bool(dead.any()):
+        n_aux = min(cfg.aux_k_value, int(dead.sum()))
+        # only dead latents compete (−inf elsewhere); a dead latent with h <= 0 decodes 0, as in the reference
+        dead_h = torch.where(dead, h, torch.full_like(h, -torch.inf))
+        _, aux_idx = dead_h.detach().topk(n_aux, dim=-1, sorted=False)
+        e_hat = topk_decode(torch.relu(h.gather(-1, aux_idx)), aux_idx, sae.W_dec)  # [t, d]
+        aux = _auxk(e_hat, err.detach(), x)
+    loss = mse + coefficient * sparsity + cfg.aux_coefficient * aux
+    fvu = mse.detach() / _variance(x).clamp_min(1e-12)
+    return loss, f.detach(), {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach(), "fvu": fvu}
+
+
+def topk_decode(values: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_j values[t, j] · W_dec[idx[t, j]] -> [t, d]: the decoder applied to k latents per token [t, k] (rows of
+    W_dec [m, d] gathered, so the backward pass touches only those rows)."""
+    return torch.einsum("tk,tkd->td", values, W_dec[idx])
+
+
+def _auxk(e_hat: Tensor, e: Tensor, x: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024): the top-k_aux dead latents model the residual e; the auxiliary MSE is normalised by
+    Var(e) and rescaled by Var(x) so it sits in the units of the main MSE, as in their FVU form."""
+    aux_mse = (e_hat - e).pow(2).sum(-1).mean()
+    return aux_mse / _variance(e).clamp_min(1e-12) * _variance(x).detach()
+
+
+def _dense_training_loss(
+    sae: SparseAutoencoder, x: Tensor, coefficient: float, dead: Tensor | None
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The reference of :func:`training_loss`: dense products throughout."""
     cfg = sae.cfg
     h = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # [t, m]
     arch = cfg.architecture
@@ -207,14 +269,10 @@ def training_loss(
     elif arch == "jumprelu":
         sparsity = StepFn.apply(h, sae.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
     if cfg.uses_auxk and dead is not None and bool(dead.any()):
-        # AuxK (Gao et al. 2024): the top-k_aux dead latents model the residual e; the auxiliary MSE is
-        # normalised by Var(e) and rescaled by Var(x) so it sits in the units of the main MSE, as in their FVU form
         n_aux = min(cfg.aux_k_value, int(dead.sum()))
         dead_acts = torch.where(dead, torch.relu(h), torch.zeros_like(h))
-        e = err.detach()
         e_hat = topk_per_token(dead_acts, n_aux) @ sae.W_dec  # [t, d]
-        aux_mse = (e_hat - e).pow(2).sum(-1).mean()
-        aux = aux_mse / _variance(e).clamp_min(1e-12) * _variance(x).detach()
+        aux = _auxk(e_hat, err.detach(), x)
     loss = mse + coefficient * sparsity + cfg.aux_coefficient * aux
     fvu = mse.detach() / _variance(x).clamp_min(1e-12)
     return loss, f, {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach(), "fvu": fvu}

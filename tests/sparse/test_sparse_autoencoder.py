@@ -292,3 +292,40 @@ def test_planted_features_sharkey_size(arch, kwargs, min_mmcs):
     sae = train_sae(data.activations, cfg)
     rec = dictionary_recovery(data.features, sae.W_dec)
     assert rec.mmcs >= min_mmcs and rec.frac_above_0_9 >= 0.95, rec
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_fast_training_loss_matches_the_dense_reference_in_values_and_gradients(arch):
+    """The default training loss (pre-activations without a [t, m] x [m, d] product for b_dec, TopK decoding
+    only its k rows) against the dense reference, with AuxK active on a third of the latents."""
+    from mamba_interp.sparse_autoencoder.training import training_loss
+
+    torch.manual_seed(0)
+    d, m = 12, 48
+    cfg = SAEConfig(d_in=d, d_sae=m, architecture=arch, k=4 if arch in ("topk", "batchtopk") else None,
+                    l1_coefficient=0.0 if arch in ("topk", "batchtopk") else 0.5, seed=0)
+    sae = SparseAutoencoder(cfg).double()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+        if arch == "jumprelu":
+            sae.threshold.uniform_(0.0, 0.3)
+    x = torch.randn(64, d, dtype=torch.float64)
+    dead = torch.arange(m) % 3 == 0
+    out = {}
+    for dense in (True, False):
+        sae.zero_grad(set_to_none=True)
+        loss, f, parts = training_loss(sae, x, 0.3, dead, dense=dense)
+        loss.backward()
+        out[dense] = (loss.detach(), f.detach(), {k: v.clone() for k, v in parts.items()},
+                      {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
+    (l_ref, f_ref, p_ref, g_ref), (l_fast, f_fast, p_fast, g_fast) = out[True], out[False]
+    assert torch.allclose(l_fast, l_ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(f_fast != 0, f_ref != 0) and torch.allclose(f_fast, f_ref, rtol=1e-10, atol=1e-12)
+    for key in p_ref:
+        assert torch.allclose(p_fast[key], p_ref[key], rtol=1e-10, atol=1e-12), key
+    if cfg.uses_auxk:
+        assert float(p_ref["aux"]) > 0  # the AuxK branch ran
+    assert set(g_fast) == set(g_ref) and {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(g_ref)
+    for name in g_ref:
+        assert torch.allclose(g_fast[name], g_ref[name], rtol=1e-9, atol=1e-11), name
