@@ -268,7 +268,6 @@ def _sae(p: PlanInputs) -> StepEstimate:
     tok_train, tok_eval = n_train * p.seq_len, n_eval * p.seq_len
     widest = max(widths)
     buffer_rows = min(tok_train, shuffle_rows(opts, widest))
-    features = sum(tok_eval * opts.expansion * w * 4 for w in widths) * len(layers)
     m = opts.expansion * widest
     b = min(p.config.batch_size, n_eval)
     parts = {
@@ -277,7 +276,8 @@ def _sae(p: PlanInputs) -> StepEstimate:
                                  if p.heldout and p.store == "memory" else 0),
         "training rows (shuffle buffer)": 2 * buffer_rows * widest * 4,
         "held-out rows": 2 * tok_eval * widest * 4,
-        "latents of the held-out tokens": features + 2 * tok_eval * m * 4,
+        # one SAE's latents at a time (HeldOutLatents), plus the two copies correlating them makes
+        "latents of the held-out tokens (one SAE)": 3 * tok_eval * m * 4,
         "SAE, Adam, batch": 4 * 4 * (2 * widest * m) + 12 * opts.batch_size * m * 4,
         "loss passes": forward_bytes(p.cfg, b, p.seq_len) + logits_bytes(p.cfg, b * p.seq_len)
         + n_eval * p.seq_len * p.cfg.d_model * 4,
@@ -372,8 +372,8 @@ FIXES = {
     "step 2 activations held": "use --activation-store disk (or auto), or lower --samples, --layer or --hooks",
     "held-out activations": "use --activation-store disk (or auto), or lower --samples",
     "one batch of activations": "lower --batch-size, --layer or --hooks",
-    "latents of the held-out tokens": "lower --samples, or the SAE layers / hooks / expansion "
-                                      "(--option sae.hooks=resid_post, --option sae.expansion=2)",
+    "latents of the held-out tokens (one SAE)": "lower --samples, or the SAE hooks / expansion "
+                                                "(--option sae.hooks=resid_post, --option sae.expansion=2)",
     "loss passes": "lower --batch-size",
     "training rows (shuffle buffer)": "lower --option sae.shuffle_buffer_mb",
     "held-out rows": "lower --samples",

@@ -8,6 +8,7 @@ steps and notebooks reuse them; the step itself is ``pipeline/steps/s03_sae.py``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,6 +217,45 @@ def train_unit(worker: Any, unit: SAETrainUnit) -> SparseAutoencoder:
                         progress if worker.progress is not None else None)
 
 
+class HeldOutLatents(Mapping[str, Tensor]):
+    """Each SAE's latents on the held-out tokens [N_eval, m], encoded when asked for.
+
+    Only the most recently asked SAE's latents stay in memory, so step 3 holds one SAE's [N_eval, m] at a time
+    rather than every SAE's at once (at mamba-130m scale each is ~400 MB, the largest item of the step). Reading
+    them again costs one encoder pass over the held-out tokens; every reader in step 3 goes through the SAEs in
+    order, so that is rare.
+    """
+
+    def __init__(self) -> None:
+        self._encode: dict[str, Callable[[], Tensor]] = {}
+        self._last: tuple[str, Tensor] | None = None
+
+    def add(self, key: str, encode: Callable[[], Tensor], latents: Tensor | None = None) -> None:
+        """Register ``key``'s encoder; ``latents``: its output, already computed (kept as the current one)."""
+        self._encode[key] = encode
+        if latents is not None:
+            self._last = (key, latents)
+
+    def forget(self) -> None:
+        """Drop the latents in memory (before encoding another SAE's outside this mapping)."""
+        self._last = None
+
+    def __getitem__(self, key: str) -> Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        encode = self._encode[key]  # KeyError for an unknown SAE, as a dict
+        self._last = None  # free the previous SAE's latents before encoding the next
+        f = encode()
+        self._last = (key, f)
+        return f
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._encode)
+
+    def __len__(self) -> int:
+        return len(self._encode)
+
+
 def correlate_latents(f: Tensor, variables: dict[str, Tensor], n_shuffles: int, seed: int) -> list[dict]:
     """Best live latent per variable (dead latents are constant and left out), as JSON-able records."""
     alive = (f != 0).any(0).nonzero().flatten()
@@ -261,7 +301,7 @@ def _render_token(tokenizer: Any, token_id: int) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
-def top_examples(ctx: StepContext, best: dict[str, dict], features: dict[str, Tensor], data: SAEActivations,
+def top_examples(ctx: StepContext, best: dict[str, dict], features: Mapping[str, Tensor], data: SAEActivations,
                   k: int, before: int = 6, after: int = 1) -> list[dict]:
     """Top-activating held-out tokens (with context) of the best latent of each variable."""
     coords = data.eval.coords()  # (N_eval, 2): (sequence, position)

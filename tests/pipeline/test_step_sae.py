@@ -305,3 +305,33 @@ def test_default_zoo_model_has_a_latent_tracking_a_task_variable(tmp_path):
     best = read_result(tmp_path / "zoo", "step_03_sae")["metrics"]["best_by_variable"]
     for var in ("answer", "after_trigger", "token", "prev_token"):
         assert best[var]["abs_r"] >= 0.8 and best[var]["abs_r"] > best[var]["shuffled_best_abs_r"] + 0.5, best[var]
+
+
+def test_held_out_latents_hold_one_sae_at_a_time_and_encode_as_eagerly():
+    from mamba_interp.pipeline.sae_support import HeldOutLatents
+    from mamba_interp.sparse_autoencoder import SAEConfig, SparseAutoencoder, encode_activations
+
+    torch.manual_seed(0)
+    x = {"a": torch.randn(50, 6), "b": torch.randn(50, 6)}
+    saes = {k: SparseAutoencoder(SAEConfig(d_in=6, d_sae=24, architecture="topk", k=3, seed=i))
+            for i, k in enumerate(x)}
+    calls = []
+
+    def encoder(key):
+        def encode():
+            calls.append(key)
+            return encode_activations(saes[key], x[key])
+        return encode
+
+    lat = HeldOutLatents()
+    lat.add("a", encoder("a"), encode_activations(saes["a"], x["a"]))
+    lat.add("b", encoder("b"))
+    assert list(lat) == ["a", "b"] and len(lat) == 2 and calls == []  # "a" given, "b" not yet encoded
+    for key in ("a", "b", "b", "a"):
+        assert torch.equal(lat[key], encode_activations(saes[key], x[key]))
+    assert calls == ["b", "a"]  # one re-encode per change of SAE, none for a repeated read
+    first = lat["a"]
+    lat["b"]
+    assert lat._last[0] == "b" and lat._last[1] is not first  # only the latest SAE's latents are held
+    with pytest.raises(KeyError):
+        lat["c"]

@@ -57,6 +57,7 @@ from mamba_interp.pipeline.sae_figures import draw_figures
 from mamba_interp.pipeline.sae_support import (
     MIN_ABLATION_EFFECT,
     SAE_HOOKS,
+    HeldOutLatents,
     SAEActivations,
     SAETrainUnit,
     TrainedSAE,
@@ -235,7 +236,7 @@ def run(ctx: StepContext) -> StepResult:
     per_sae: dict[str, dict[str, Any]] = {}
     correlations: dict[str, list[dict]] = {}
     histories: dict[str, Any] = {}
-    features_eval: dict[str, Tensor] = {}
+    features_eval = HeldOutLatents()  # one SAE's held-out latents in memory at a time
     work = [(i, h) for i in layers for h in opts.hooks]
     units = []
     for idx, (layer, hook) in enumerate(work):
@@ -260,8 +261,10 @@ def run(ctx: StepContext) -> StepResult:
                   for kind, fn in ablation_hooks(x_train.mean().float()).items()}
         losses["spliced"] = target_loss(ctx.model, ev, ctx.batch_size, saes={name: sae}, start=start)
         lr_ = loss_recovered(clean, losses["spliced"], losses["zero"], losses["mean"])
+        features_eval.forget()
         f = encode_activations(sae, x_eval)  # (N_eval, m)
-        features_eval[key] = f
+        features_eval.add(key, lambda sae=sae, hook=hook, layer=layer: encode_activations(
+            sae, data.eval.tokens(hook, layer)), f)
         corr = correlate_latents(f, variables, opts.n_shuffles, ctx.seed + idx) if variables else []
         correlations[key] = corr
         trained[key] = TrainedSAE(key, hook, layer, sae, m_eval.density)
@@ -279,6 +282,7 @@ def run(ctx: StepContext) -> StepResult:
             "delta_loss": lr_.delta_loss, "ablation_effect": lr_.mean_ablation_loss - clean,
             "best_abs_r": max((c["abs_r"] for c in corr), default=float("nan")),
         }
+        del f, x_eval  # the next SAE's are built without these alive
     ctx.save_tensors(DENSITY_FILE, {k: t.density for k, t in trained.items()},
                      metadata={"order": json.dumps(list(trained))})
     best = best_by_variable(correlations, base_of)
