@@ -2,6 +2,7 @@
 
     python bench/bench_decomposition.py                                  # our SPD and APD on TMS 5-2
     python bench/bench_decomposition.py --ref-python PY --ref-spd DIR --ref-apd DIR   # + the references
+    python bench/bench_decomposition.py --methods apd --seeds 0,1,2,3,4 --ref-python PY --ref-apd DIR  # per seed
     python bench/bench_decomposition.py --toy tms-id                     # TMS 5-2 + identity (SPD)
     python bench/bench_decomposition.py --toy resid-mlp --steps 3000 --batch-size 2048   # residual MLP (SPD)
 
@@ -325,6 +326,36 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def tms_results(args) -> dict[str, dict]:
+    """Every chosen method on TMS 5-2 at ``args.seed``: ours in this process, the references alongside."""
+    results: dict[str, dict] = {}
+    methods = args.methods.split(",")
+    ref_spd = start_reference_spd(args) if args.ref_python and args.ref_spd else None
+    ref_apd = start_reference_apd(args) if args.ref_python and args.ref_apd else None
+    if "spd" in methods:
+        results["SPD (ours)"] = ours_tms("spd", args)
+    if ref_spd is not None:
+        results["SPD (spd-paper)"] = reference_spd(ref_spd)
+    if "apd" in methods:
+        results["APD (ours)"] = ours_tms("apd", args)
+    if ref_apd is not None:
+        results["APD (apd)"] = reference_apd(ref_apd)
+    return results
+
+
+def seed_table(per_seed: dict[int, dict[str, dict]]) -> str:
+    """MMCS / norm-aware ML2R of every column per seed, and how many seeds reach MMCS >= 0.99."""
+    names = list(next(iter(per_seed.values())))
+    lines = ["| seed | " + " | ".join(f"{n} MMCS / ML2R" for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for seed, res in per_seed.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{res[n]['mmcs']:.4f} / {res[n]['ml2r']:.3f}" for n in names)
+                     + " |")
+    counts = [sum(res[n]["mmcs"] >= 0.99 for res in per_seed.values()) for n in names]
+    lines.append("| MMCS >= 0.99 | " + " | ".join(f"{c} of {len(per_seed)} seeds" for c in counts) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", choices=("tms", "tms-id", "resid-mlp"), default="tms")
@@ -333,6 +364,8 @@ def main() -> None:
     ap.add_argument("--apd-steps", type=int, default=20_000, help="APD steps (the paper: 20k)")
     ap.add_argument("--apd-batch-size", type=int, default=2048, help="APD batch (the paper: 2048)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="TMS only: comma-separated seeds, one run of every method per seed and a "
+                                    "per-seed summary (APD's outcome depends on the seed)")
     ap.add_argument("--methods", default="spd,apd", help="which of ours to run on TMS: spd, apd or both")
     ap.add_argument("--ref-python", help="interpreter of an environment where the reference code imports")
     ap.add_argument("--ref-spd", help="checkout of goodfire-ai/spd at branch spd-paper")
@@ -342,18 +375,16 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"# {args.toy}, seed {args.seed}; load average {os.getloadavg()[0]:.1f} (CPU seconds are per process)")
     results: dict[str, dict] = {}
-    if args.toy == "tms":
-        methods = args.methods.split(",")
-        ref_spd = start_reference_spd(args) if args.ref_python and args.ref_spd else None
-        ref_apd = start_reference_apd(args) if args.ref_python and args.ref_apd else None
-        if "spd" in methods:
-            results["SPD (ours)"] = ours_tms("spd", args)
-        if ref_spd is not None:
-            results["SPD (spd-paper)"] = reference_spd(ref_spd)
-        if "apd" in methods:
-            results["APD (ours)"] = ours_tms("apd", args)
-        if ref_apd is not None:
-            results["APD (apd)"] = reference_apd(ref_apd)
+    if args.toy == "tms" and args.seeds:
+        per_seed = {}
+        for seed in (int(x) for x in args.seeds.split(",")):
+            per_seed[seed] = tms_results(argparse.Namespace(**{**vars(args), "seed": seed}))
+            print(f"## seed {seed}")
+            print(table(per_seed[seed]))
+        print(seed_table(per_seed))
+        results = {str(k): v for k, v in per_seed.items()}
+    elif args.toy == "tms":
+        results = tms_results(args)
         print(f"TMS 5-2 (shipped pentagon), SPD {args.steps} x {args.batch_size}, APD {args.apd_steps} x "
               f"{args.apd_batch_size}; figures by mamba_interp.parameter_decomposition.metrics for every column")
         print(table(results))
