@@ -89,6 +89,8 @@ def _step_options(items: list[str] | None, base: dict[str, Any]) -> dict[str, di
         return None
     import yaml
 
+    from mamba_interp.pipeline.config import load_yaml
+
     out: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items()}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -96,7 +98,7 @@ def _step_options(items: list[str] | None, base: dict[str, Any]) -> dict[str, di
         if not sep or not dot or not step or not name:
             raise UsageError(f"--option {item!r} is malformed; write STEP.KEY=VALUE, e.g. sae.expansion=8")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         out.setdefault(step.strip(), {})[name.strip()] = value

@@ -204,18 +204,34 @@ def test_resume_after_the_process_is_killed_mid_step(model_dir, tmp_path):
 
 
 def test_documented_option_examples_exist():
-    """The README's and the CLI's own examples of step options name real options."""
+    """The README's and the CLI's own examples of step options name real options with valid values, read as the
+    CLI reads them (so ``1e-2`` must arrive as a number, not as text)."""
     import re
 
-    from mamba_interp.pipeline.registry import get_step
+    from mamba_interp.cli import _step_options
+    from mamba_interp.pipeline.registry import all_steps, get_step
 
     texts = (ROOT / "README.md").read_text() + (ROOT / "mamba_interp" / "cli.py").read_text()
-    examples = re.findall(r"\b(\w+)\.(\w+)=(\w+)", texts) + [
-        (step, key, value) for step, key, value in re.findall(r"^\s+(\w+): \{(\w+): (\w+)\}", texts, re.M)]
-    examples = [e for e in examples if e[0] in ("sae", "superposition", "dictionary")]
-    assert examples
-    for step, key, value in examples:
-        get_step(step).make_options({key: int(value) if value.isdigit() else value})
+    examples = re.findall(r"--option[ =]`?(\w+\.\w+=[^\s`'\",)]+)", texts)
+    examples += [f"{step}.{key}={value}" for step, key, value in re.findall(r"^\s+(\w+): \{(\w+): (\w+)\}", texts,
+                                                                             re.M)]
+    names = {s.name for s in all_steps().values()}
+    examples += [e for e in re.findall(r"`(\w+\.\w+=[^\s`]+)`", texts) if e.split(".")[0] in names]
+    examples = [e for e in examples if "STEP" not in e and ".KEY=" not in e]  # the syntax's placeholders
+    assert len(examples) >= 10
+    for item in examples:
+        ((step, opts),) = _step_options([item], {}).items()
+        get_step(step).make_options(opts)
+
+
+def test_option_values_read_yaml_1_2_numbers():
+    from mamba_interp.cli import _step_options
+
+    got = _step_options(["spd.importance_minimality_coeff=1e-2", "spd.lr=3E-4", "spd.steps=800",
+                         "sae.hooks=[resid_post, x]", "spd.routing=subset"], {})
+    assert got == {"spd": {"importance_minimality_coeff": 0.01, "lr": 3e-4, "steps": 800, "routing": "subset"},
+                   "sae": {"hooks": ["resid_post", "x"]}}
+    assert isinstance(got["spd"]["steps"], int)
 
 
 def _wait_for_torch(proc: subprocess.Popen, timeout: float = 60) -> bool:

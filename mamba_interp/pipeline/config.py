@@ -302,6 +302,24 @@ class RunConfig:
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in NON_RESULT_FIELDS + ("step_options",))
 
 
+_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's floats: PyYAML (YAML 1.1) reads ``1e-2`` or ``3E5`` as strings, so an
+    option written as ``importance_minimality_coeff=1e-2`` would reach its step as the text "1e-2"."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    # a plain integer stays an int: the int resolver, registered first, matches it before this one
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) run-config file into a mapping; every failure is a one-line :class:`UsageError`."""
     import yaml
@@ -316,7 +334,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"config file {str(p)!r} cannot be read ({type(exc).__name__}); check its permissions and encoding")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
