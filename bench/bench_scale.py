@@ -2,18 +2,18 @@
 
 For each architecture it saves a random-init transformers model with the checkpoint's configuration (24 layers,
 d_model 768; vocabulary 50280 / 50288; Mamba-2: 24 heads of 64, d_state 128, one group), runs
-``mamba-interp run --model F --layer 12 --samples 64 --seq-len 256 --steps 0-3`` under ``/usr/bin/time -v`` (one
-process per architecture, ``nice``), and prints one table: per step the memory plan's estimate of the peak
+``mamba-interp run --model F --layer 12 --samples 64 --seq-len 256 --steps 0-4 --threads 2`` under
+``/usr/bin/time -v`` (one process per architecture, ``nice``), and prints one table: per step the memory plan's estimate of the peak
 resident memory and CPU time next to the measured peak RSS (``result.json["peak_rss_mb"]``) and wall time, and
 per run the wall, user CPU and maximum RSS of the process. Wall times on a shared machine are inflated by the other
-load; user CPU time approximates the wall time of an idle single core.
+load; user CPU time is what the run costs whatever the load.
 
 ``--calibrate`` instead measures the peak memory of single no-grad forward passes (with and without a hook on the
 SSM state) at a few sizes, the data behind ``memory_plan.FORWARD_PER_TOKEN`` and friends; ``--store-bench``
 measures the activation store's write and chunked-read throughput against one in-memory safetensors file.
 
-Usage: ``python bench/bench_scale.py [--archs mamba1 mamba2] [--steps 0-3] [--batch-size 16] [--work DIR]
-[--extra "--option sae.epochs=4"]``.
+Usage: ``python bench/bench_scale.py [--archs mamba1 mamba2] [--steps 0-4] [--threads 2] [--batch-size 16]
+[--work DIR] [--extra "--option sae.epochs=4"]``.
 """
 
 from __future__ import annotations
@@ -180,12 +180,13 @@ def store_bench(work: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["mamba1", "mamba2"], choices=sorted(CONFIGS))
-    p.add_argument("--steps", default="0-3")
+    p.add_argument("--steps", default="0-4")
     p.add_argument("--layer", type=int, default=12)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads of the run (default: 2, the budget's two cores)")
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--extra", default="", help="more mamba-interp run options, e.g. \"--option sae.epochs=4\"")
     p.add_argument("--work", default="/tmp/bench_scale")

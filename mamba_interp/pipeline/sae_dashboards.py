@@ -27,7 +27,13 @@ import torch
 from torch import Tensor
 
 from mamba_interp.pipeline.context import StepContext
-from mamba_interp.pipeline.sae_support import SAEActivations, TrainedSAE, sequence_losses, token_renderer
+from mamba_interp.pipeline.sae_support import (
+    SAEActivations,
+    TrainedSAE,
+    layer_inputs,
+    sequence_losses,
+    token_renderer,
+)
 from mamba_interp.sparse_autoencoder import ablate_latents, feature_variable_correlation, latent_attribution
 from mamba_interp.sparse_autoencoder.dashboard import (
     ablation_logit_effect,
@@ -119,6 +125,7 @@ def build_dashboards(ctx: StepContext, trained: dict[str, TrainedSAE], features:
     clean = sequence_losses(model, subset, ctx.batch_size)
     mask = data.eval.mask
     cards: list[dict] = []
+    starts: dict[int, Tensor] = {}  # the residual stream entering each SAE layer, for the ablation passes
     for idx, (key, t) in enumerate(trained.items()):
         picks = choose_latents(correlations.get(key, []), t.density, att[key], n)
         if not picks:
@@ -144,9 +151,11 @@ def build_dashboards(ctx: StepContext, trained: dict[str, TrainedSAE], features:
                 card["logit_effect"] = ablation_logit_effect(model, t.sae, t.hook_name, batch.tokens, seqs, pos,
                                                              latent, render, attention_mask=batch.attention_mask)
             if latent == top_latent and float(att[key][latent]) < 0:
+                if t.layer not in starts:  # the blocks before the SAE's layer are the clean model's
+                    starts[t.layer] = layer_inputs(model, subset, t.layer, ctx.batch_size)
                 ablated = sequence_losses(model, subset, ctx.batch_size, saes={t.hook_name: t.sae},
-                                          use_error_term=True,
-                                          latent_edits={t.hook_name: ablate_latents([latent])})
+                                          use_error_term=True, latent_edits={t.hook_name: ablate_latents([latent])},
+                                          start=(t.layer, starts[t.layer]))
                 card["ablation"] = paired_diff_ci(ablated.numpy(), clean.numpy(), seed=ctx.seed).to_dict()
             cards.append(card)
     return cards

@@ -1,7 +1,9 @@
-"""APD: attributions against autograd Jacobians, batch top-k, losses, tied components, a short TMS run.
+"""APD: attributions against autograd Jacobians, batch top-k, losses, tied components, a short TMS run, and (slow)
+TMS 5-2 at the paper's settings.
 
-APD at the paper's length on TMS 5-2 is measured (not asserted: it misses the paper's MMCS, see the README) by
-``bench/bench_decomposition.py``."""
+APD's outcome on TMS 5-2 depends on the seed, ours and the reference's alike (``bench/bench_decomposition.py
+--methods apd --seeds 0,1,2,3,4``: 4 of 5 seeds reach MMCS >= 0.99 for both; in the others one component shrinks);
+the slow test pins one seed that succeeds and one that fails, so a change in either is noticed."""
 
 from __future__ import annotations
 
@@ -94,3 +96,20 @@ def test_rank_one_view_and_short_run():
     with pytest.raises(ValueError, match="topk"):
         APDConfig(C=5, topk=6.0)
 
+
+
+@pytest.mark.slow
+def test_apd_on_tms_5_2_succeeds_or_collapses_by_seed():
+    """The APD paper's TMS 5-2 settings (C = 5, top-k 0.211, Schatten 0.7 / p = 1, lr 0.03, batch 2048) at 10k of
+    its 20k steps: seed 1 recovers the pentagon (MMCS >= 0.99, ML2R near the paper's 0.89, five components of
+    similar norm); seed 0 is APD's known failure, one component shrinking (~1 CPU-minute each)."""
+    torch.set_num_threads(1)
+    out = {}
+    for seed in (0, 1):
+        dec = decompose_tms(*tms_5_2(), "apd", seed=seed, steps=10_000, batch_size=2048, rank=3, progress=False)
+        out[seed] = (dec.metrics(n_eval=20_000), dec.model.norms("linear1"))
+    m, norms = out[1]
+    assert m["mmcs"] >= 0.99 and 0.85 <= m["ml2r"] <= 0.95, m
+    assert float(norms.min() / norms.max()) > 0.5, norms
+    m0, norms0 = out[0]
+    assert m0["mmcs"] < 0.99 and float(norms0.min() / norms0.max()) < 0.3, (m0, norms0)

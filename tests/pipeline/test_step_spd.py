@@ -85,3 +85,16 @@ def test_spd_on_a_language_model_without_task(lm_model_dir, tmp_path):
     m = res["metrics"]
     assert m["modules"] == ["blocks.2.mixer.in_proj", "blocks.2.mixer.out_proj"]
     assert set(m["by_length"]) == {"1x", "2x"} and "by_position_class" not in m
+
+
+def test_spd_trains_by_default_at_the_longest_evaluated_length_with_1024_tokens_per_step():
+    from mamba_interp.pipeline.steps.s17_spd import TOKENS_PER_STEP, Options, train_batch_size
+
+    opts = Options()
+    assert opts.train_len is None and opts.batch_size is None and max(opts.eval_multiples) == 4
+    assert train_batch_size(opts, 256) == TOKENS_PER_STEP // 256 == 4
+    assert train_batch_size(opts, 4096) == 1  # at least one sequence
+    assert train_batch_size(Options(batch_size=7), 256) == 7
+    assert opts.spd_config({"m": 1}, batch_size=4).batch_size == 4
+    with pytest.raises(ValueError, match="batch_size"):
+        Options(batch_size=0)

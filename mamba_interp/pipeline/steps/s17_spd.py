@@ -58,16 +58,18 @@ class Options:
     """Linears per layer; None: all of the architecture's."""
     C: int | None = None
     """Subcomponents per matrix; None: max(8, min(d_in, d_out)) for each."""
-    steps: int = 400
-    batch_size: int = 32
-    train_len: int | None = 32
-    """Training sequence length (None: the evaluation batch's). Importances are per token, so shorter training
-    sequences cost less and the evaluation checks 1x and 4x the task length."""
+    steps: int = 800
+    batch_size: int | None = None
+    """Sequences per step; None: 1024 tokens per step (``1024 // train_len`` sequences, at least 1)."""
+    train_len: int | None = None
+    """Training sequence length; None: the longest evaluated length (``max(eval_multiples)`` x the task's). The
+    causal-importance functions then see every position they are evaluated at: trained on 32 tokens of the default
+    model's 64-token task, the importance masks lost 0.055 of accuracy at 4x the length (0.000 at 1x)."""
     lr: float = 2e-3
     lr_final_frac: float = 0.1
     faithfulness_coeff: float = 1e4
     faithfulness_warmup_steps: int = 200
-    importance_minimality_coeff: float = 1e-3
+    importance_minimality_coeff: float = 3e-3
     pnorm: float = 1.0
     stochastic_recon_coeff: float = 1.0
     layerwise_recon_coeff: float = 1.0
@@ -85,6 +87,8 @@ class Options:
         object.__setattr__(self, "eval_multiples", as_tuple(self.eval_multiples, "eval_multiples", int))
         for name in ("steps", "batch_size", "n_eval", "top_k", "d_gate"):
             value = getattr(self, name)
+            if name == "batch_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.C is not None and (not isinstance(self.C, int) or self.C < 1):
@@ -101,7 +105,9 @@ class Options:
         from mamba_interp.parameter_decomposition.spd import SPDConfig
 
         shared = {f.name for f in fields(SPDConfig)} & {f.name for f in fields(self)}
-        kwargs = {k: getattr(self, k) for k in shared if k != "C"}
+        kwargs = {k: getattr(self, k) for k in shared if k != "C" and k not in extra}
+        if kwargs.get("batch_size", 0) is None:
+            kwargs.pop("batch_size")
         return SPDConfig(C=C, **kwargs, **extra)
 
 
@@ -120,8 +126,16 @@ def decomposition_inputs(ctx: StepContext, opts: Any) -> tuple[tuple[str, ...], 
     names = mamba_modules(ctx.model, layers, opts.matrices)
     batch = data["batch"]
     task = data["task"]
-    train_len = opts.train_len or batch.seq_len
+    train_len = opts.train_len or batch.seq_len * max(getattr(opts, "eval_multiples", (1,)))
     return names, task, batch, train_len
+
+
+TOKENS_PER_STEP = 1024
+"""Training tokens per SPD step when ``batch_size`` is None."""
+
+
+def train_batch_size(opts: Any, train_len: int) -> int:
+    return opts.batch_size if opts.batch_size is not None else max(1, TOKENS_PER_STEP // train_len)
 
 
 def load(ctx: StepContext) -> dict:
@@ -133,18 +147,20 @@ def load(ctx: StepContext) -> dict:
 
 
 @register_step(17, "spd", requires=(1,), title="Stochastic parameter decomposition (SPD) of the mixers' Linears",
-               options=Options, load=load, version=1, default=False, reads=("layers", "batch_size", "figures"))
+               options=Options, load=load, version=2, default=False, reads=("layers", "batch_size", "figures"))
 def run(ctx: StepContext) -> StepResult:
     opts: Options = ctx.options or Options()
     names, task, batch, train_len = decomposition_inputs(ctx, opts)
     sample = training_sampler(task, ctx.model.cfg.vocab_size, train_len)
     C = default_C(ctx.model, names, opts.C)
+    batch_size = train_batch_size(opts, train_len)
     cfg = opts.spd_config(C, seed=ctx.seed % 2**31, log_every=max(1, opts.steps // 20), progress=False,
-                          checkpoint_path=str(ctx.path(CHECKPOINT)))
+                          checkpoint_path=str(ctx.path(CHECKPOINT)), batch_size=batch_size)
     with training_scan(ctx.model):
         dec = run_spd(modules_target(ctx.model, sample, names), cfg,
                       progress=lambda it, total: ctx.progress(it, total=total, desc="SPD"))
-    return summarise(ctx, opts, dec, task, batch, "spd", extra={"C": C, "train_len": train_len})
+    return summarise(ctx, opts, dec, task, batch, "spd", extra={"C": C, "train_len": train_len,
+                                                                "train_batch_size": batch_size})
 
 
 def summarise(ctx: StepContext, opts: Any, dec: Any, task: Any, batch: Any, method: str,
