@@ -63,7 +63,55 @@ def attributions(model: Any, batch: Any, trained: dict[str, TrainedSAE], batch_s
                  vocab: int) -> dict[str, Tensor]:
     """Per SAE key, [m] estimated change of the mean log-odds of the correct token over ``batch``'s target
     positions when each latent is zero-ablated (all SAEs spliced at once with their error terms: the forward is
-    the clean model's). Negative: ablating the latent hurts."""
+    the clean model's). Negative: ablating the latent hurts.
+
+    The pass starts at the first SAE's layer from the residual stream entering it (computed without autograd), and
+    the log-odds are taken on the target positions ``LOGIT_CHUNK`` rows at a time under activation checkpointing,
+    so the autograd graph holds only the blocks after that layer and one chunk of full-vocabulary logits
+    (:func:`attributions_reference` is the plain full-model pass; the two agree)."""
+    import torch.utils.checkpoint
+
+    from mamba_interp.pipeline.logits import layer_input, run_blocks
+    from mamba_interp.pipeline.memory_plan import LOGIT_CHUNK
+    from mamba_interp.tasks.base import IGNORE
+
+    device = next(model.parameters()).device
+    total_targets = int((batch.targets != IGNORE).sum())
+    by_hook = {t.hook_name: t.sae for t in trained.values()}
+    first = min(t.layer for t in trained.values())
+    out = {k: torch.zeros(t.sae.cfg.d_sae) for k, t in trained.items()}
+
+    def chunk_log_odds(rows: Tensor, tgt: Tensor) -> Tensor:  # rows [c, d] normed, tgt [c] -> summed log-odds
+        logits = model.lm_head(rows.to(model.lm_head.weight.dtype))[..., :vocab][None]
+        return log_odds(logits, tgt[None])[0].sum()
+
+    for s in range(0, len(batch), batch_size):
+        ids = batch.tokens[s:s + batch_size].to(device)
+        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size].to(device)
+        targets = batch.targets[s:s + batch_size].to(device)
+        resid = layer_input(model, ids, mask, first)  # [b, l, d], no autograd graph
+        scored = targets != IGNORE
+
+        def forward(resid: Tensor = resid, mask: Tensor | None = mask, scored: Tensor = scored) -> Tensor:
+            normed = model.hook_norm_final(model.norm_f(run_blocks(model, resid, mask, first)))
+            return normed[scored]  # [P, d]
+
+        def metric(rows: Tensor, tgt: Tensor = targets[scored]) -> Tensor:
+            total = rows.new_zeros(())
+            for c in range(0, rows.shape[0], LOGIT_CHUNK):
+                total = total + torch.utils.checkpoint.checkpoint(
+                    chunk_log_odds, rows[c:c + LOGIT_CHUNK], tgt[c:c + LOGIT_CHUNK], use_reentrant=False)
+            return total / max(total_targets, 1)
+
+        part = latent_attribution(model, metric, saes=by_hook, forward=forward)
+        for key, t in trained.items():
+            out[key] += part[t.hook_name]
+    return out
+
+
+def attributions_reference(model: Any, batch: Any, trained: dict[str, TrainedSAE], batch_size: int,
+                           vocab: int) -> dict[str, Tensor]:
+    """:func:`attributions` by the plain pass: the whole model with autograd, full logits [b, l, v]."""
     from mamba_interp.tasks.base import IGNORE
 
     device = next(model.parameters()).device

@@ -192,18 +192,23 @@ def steering_hook(sae: SparseAutoencoder, latent: int, coefficient: float,
 
 # ---- attribution -------------------------------------------------------------------------------------
 def latent_attribution(model: Any, metric: Callable[[Tensor], Tensor], *args: Any,
-                       saes: Mapping[str, SparseAutoencoder], **kwargs: Any) -> dict[str, Tensor]:
+                       saes: Mapping[str, SparseAutoencoder], forward: Callable[[], Tensor] | None = None,
+                       **kwargs: Any) -> dict[str, Tensor]:
     """First-order estimate of how zero-ablating each latent everywhere changes ``metric(logits)`` (a scalar).
 
     Attribution patching (Syed et al. 2023, "Attribution Patching Outperforms Automated Circuit Discovery"; on SAE
     latents: Marks et al. 2024, §2): Δ_i ≈ Σ_{b,t} (0 − f_i) · ∂metric/∂f_i, with every SAE spliced in with its
     error term (so the forward is the clean model's and the gradient reaches each latent). Returns, per hook, a
     float32 CPU tensor [m]; a positive value means ablating the latent raises the metric (e.g. the loss).
+
+    ``forward``: called instead of ``model(*args, **kwargs)`` inside the splice, for a pass that gives ``metric``
+    something other than full logits (e.g. one that starts at the SAEs' layer from a cached residual stream, so the
+    autograd graph holds only the layers the gradient crosses).
     """
     splices = {name: SAESplice(sae, use_error_term=True, record=True) for name, sae in saes.items()}
     with torch.enable_grad():
         with saes_spliced(model, splices):
-            value = metric(model(*args, **kwargs))
+            value = metric(forward() if forward is not None else model(*args, **kwargs))
         if value.dim() != 0:
             raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
         names = list(splices)

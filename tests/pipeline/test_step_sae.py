@@ -335,3 +335,35 @@ def test_held_out_latents_hold_one_sae_at_a_time_and_encode_as_eagerly():
     assert lat._last[0] == "b" and lat._last[1] is not first  # only the latest SAE's latents are held
     with pytest.raises(KeyError):
         lat["c"]
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_dashboard_attributions_from_the_sae_layer_equal_the_full_model_pass(arch, monkeypatch):
+    """The dashboards' attribution pass (starts at the first SAE's layer, log-odds in checkpointed chunks, here of
+    7 rows) against the plain full-model pass, with SAEs at two layers and a left-padded batch."""
+    from mamba_interp import HookedMamba, MambaConfig
+    from mamba_interp.pipeline import memory_plan, sae_dashboards
+    from mamba_interp.pipeline.sae_support import TrainedSAE
+    from mamba_interp.sparse_autoencoder import SAEConfig, SparseAutoencoder
+
+    monkeypatch.setattr(memory_plan, "LOGIT_CHUNK", 7)
+    torch.manual_seed(0)
+    cfg = MambaConfig(arch=arch, d_model=16, n_layer=3, vocab_size=40, d_state=8, headdim=8)
+    model = HookedMamba(cfg).double().eval()
+    tokens = torch.randint(0, 40, (5, 12))
+    targets = torch.randint(0, 40, (5, 12))
+    targets[:, :3] = -100
+    mask = torch.ones(5, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    targets[1, :4] = -100
+    batch = type("Batch", (), {"tokens": tokens, "targets": targets, "attention_mask": mask,
+                               "__len__": lambda self: 5})()
+    trained = {}
+    for layer, hook, width in ((1, "resid_post", 16), (2, "x", 32)):
+        sae = SparseAutoencoder(SAEConfig(d_in=width, d_sae=24, architecture="topk", k=4, seed=layer)).double()
+        trained[f"L{layer}_{hook}"] = TrainedSAE(f"L{layer}_{hook}", hook, layer, sae, torch.zeros(24))
+    fast = sae_dashboards.attributions(model, batch, trained, 2, 40)
+    ref = sae_dashboards.attributions_reference(model, batch, trained, 2, 40)
+    for key in trained:
+        assert ref[key].abs().max() > 0
+        assert torch.allclose(fast[key], ref[key], rtol=1e-6, atol=1e-9), key
