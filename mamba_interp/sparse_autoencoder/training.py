@@ -189,9 +189,10 @@ def training_loss(
 
     ``dense=True`` is the reference: every product is a dense matmul, as written in the papers. The default fast
     path gives the same loss and gradients with fewer [t, d] x [d, m] products: the pre-activations are
-    x W_enc − b_dec W_enc + b_enc (b_dec's gradient then needs no [t, m] x [m, d] product), and TopK decodes only
-    its k selected rows of W_dec per token (``topk_decode``; AuxK's k_aux = d/2 rows stay dense) instead of multiplying a [t, m] matrix that is zero
-    but for k entries per row — forward and backward of the decoder cost t·k·d instead of t·m·d.
+    x W_enc − b_dec W_enc + b_enc (b_dec's gradient then needs no [t, m] x [m, d] product); TopK decodes only its
+    k selected rows of W_dec per token (``topk_decode``) instead of multiplying a [t, m] matrix that is zero but
+    for k entries per row, so forward and backward of the decoder cost t·k·d instead of t·m·d; and AuxK's product
+    runs over the dead columns only.
     """
     if dense:
         return _dense_training_loss(sae, x, coefficient, dead)

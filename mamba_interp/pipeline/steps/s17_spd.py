@@ -126,7 +126,7 @@ def decomposition_inputs(ctx: StepContext, opts: Any) -> tuple[tuple[str, ...], 
     names = mamba_modules(ctx.model, layers, opts.matrices)
     batch = data["batch"]
     task = data["task"]
-    train_len = opts.train_len or batch.seq_len * max(getattr(opts, "eval_multiples", (1,)))
+    train_len = opts.train_len or batch.seq_len * max(opts.eval_multiples)
     return names, task, batch, train_len
 
 
