@@ -5,12 +5,15 @@ d_model 768; vocabulary 50280 / 50288; Mamba-2: 24 heads of 64, d_state 128, one
 ``mamba-interp run --model F --layer 12 --samples 64 --seq-len 256 --steps 0-4 --threads 2`` under
 ``/usr/bin/time -v`` (one process per architecture, ``nice``), and prints one table: per step the memory plan's estimate of the peak
 resident memory and CPU time next to the measured peak RSS (``result.json["peak_rss_mb"]``) and wall time, and
-per run the wall, user CPU and maximum RSS of the process. Wall times on a shared machine are inflated by the other
-load; user CPU time is what the run costs whatever the load.
+per run the wall and user CPU time and the process's peak RSS (the largest step peak). Wall times on a shared machine
+are inflated by the other load; user CPU time is what the run costs whatever the load. GNU time's "maximum resident
+set size" is not the process's peak here: the runner resets the kernel's high-water mark at every step
+(``/proc/self/clear_refs``), and the rusage figure is that mark at exit, i.e. the last step's peak.
 
 ``--calibrate`` instead measures the peak memory of single no-grad forward passes (with and without a hook on the
 SSM state) at a few sizes, the data behind ``memory_plan.FORWARD_PER_TOKEN`` and friends; ``--store-bench``
-measures the activation store's write and chunked-read throughput against one in-memory safetensors file.
+measures the activation store's write and chunked-read throughput against one in-memory safetensors file;
+``--calibrate-graph`` the peak memory of step 3's attribution pass (``memory_plan.GRAPH_PER_E`` and friends).
 
 Usage: ``python bench/bench_scale.py [--archs mamba1 mamba2] [--steps 0-4] [--threads 2] [--batch-size 16]
 [--work DIR] [--extra "--option sae.epochs=4"]``.
@@ -104,10 +107,12 @@ def print_table(results: list[dict]) -> None:
             print(f"| {r['arch']}-130m config | {s['step']} {s['name']} ({s['status']}) | {s['plan_peak_mb']} MB | "
                   f"{s['peak_rss_mb']} MB | {s['plan_cpu_s']} s | {s['cpu_s']} s | {s['duration_s']} s |")
     print()
-    print("| model | wall | user CPU | max RSS | load (1-min, before/after) | exit |")
-    print("|---|---|---|---|---|---|")
+    print("| model | wall | user CPU | peak RSS (largest step) | GNU time max RSS (last step) | "
+          "load (1-min, before/after) | exit |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['arch']}-130m config | {r.get('wall_s', 0):.0f} s | {r.get('user_s', 0):.0f} s | "
+        peak = max((s["peak_rss_mb"] or 0 for s in r["steps"]), default=0)
+        print(f"| {r['arch']}-130m config | {r.get('wall_s', 0):.0f} s | {r.get('user_s', 0):.0f} s | {peak:.0f} MB | "
               f"{r.get('max_rss_mb', 0):.0f} MB | {r['load_before']:.1f} / {r['load_after']:.1f} | "
               f"{r['returncode']} |")
 
@@ -144,6 +149,53 @@ with torch.no_grad():
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"| {arch} | {d} | {b} x {l} | {what == 'state'} | {r['measured_mb']:.0f} | "
                       f"{r['formula_mb']:.0f} |")
+
+
+def calibrate_graph() -> None:
+    """Peak RSS of step 3's attribution pass (``sae_dashboards.attributions``) on the 130M configurations, by batch,
+    blocks after the SAE layer and SAEs, in fresh processes: the data behind ``memory_plan.GRAPH_PER_E`` and friends
+    (fit the differences between rows: blocks at fixed batch, batch at fixed blocks, SAEs at fixed both)."""
+    code = r'''
+import sys, json, torch
+torch.set_num_threads(2)
+from mamba_interp import HookedMamba, MambaConfig
+from mamba_interp.pipeline import memory_plan
+from mamba_interp.pipeline.logits import layer_input
+from mamba_interp.pipeline.resources import current_rss, peak_rss, reset_peak_rss
+from mamba_interp.pipeline.sae_dashboards import attributions
+from mamba_interp.pipeline.sae_support import TrainedSAE
+from mamba_interp.sparse_autoencoder import SAEConfig, SparseAutoencoder
+from mamba_interp.tasks.base import TaskBatch
+arch, b, layer, hooks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+kw = dict(d_state=16) if arch == "mamba1" else dict(d_state=128, headdim=64, ngroups=1)
+cfg = MambaConfig(arch=arch, d_model=768, n_layer=24, vocab_size=50280, **kw)
+torch.manual_seed(0)
+model = HookedMamba(cfg).eval()
+width = {"resid_post": cfg.d_model, "x": cfg.d_inner, "y": cfg.d_inner}
+names = {"resid_post": "hook_resid_post", "x": "mixer.hook_x", "y": "mixer.hook_y"}
+trained = {h: TrainedSAE(h, h, layer, SparseAutoencoder(SAEConfig(d_in=width[h], d_sae=4 * width[h],
+                                                                  architecture="topk", k=16)), torch.zeros(1))
+           for h in hooks}
+ids, targets = torch.randint(0, 50280, (b, 256)), torch.randint(0, 50280, (b, 256))
+start = layer_input(model, ids, None, layer)
+memory_plan.ATTRIBUTION_GRAPH_BYTES = 2**60  # the whole batch in one pass
+reset_peak_rss(); base = current_rss()
+attributions(model, TaskBatch(tokens=ids, targets=targets), trained, b, 50280, start=start)
+latents = [t.sae.cfg.d_sae for t in trained.values()]
+print(json.dumps({"measured_mb": (peak_rss() - base) / 2**20, "formula_mb": (memory_plan.attribution_graph_bytes(
+    cfg, 24 - layer, 256, b, latents) + memory_plan.ATTRIBUTION_LOGIT_COPIES * memory_plan.ATTRIBUTION_LOGIT_CHUNK * 50280 * 4)
+    / 2**20}))
+'''
+    print("| arch | sequences x 256 | blocks after the SAEs | SAEs | measured MB | formula MB |")
+    print("|---|---|---|---|---|---|")
+    for arch in ("mamba1", "mamba2"):
+        for b, layer, hooks in ((2, 12, "resid_post,x,y"), (4, 12, "resid_post,x,y"), (4, 18, "resid_post,x,y"),
+                                (4, 12, "resid_post")):
+            out = subprocess.run([sys.executable, "-c", code, arch, str(b), str(layer), hooks],
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
+                                 capture_output=True, text=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {arch} | {b} | {24 - layer} | {hooks} | {r['measured_mb']:.0f} | {r['formula_mb']:.0f} |")
 
 
 def store_bench(work: Path) -> None:
@@ -192,11 +244,15 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench_scale")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--calibrate", action="store_true")
+    p.add_argument("--calibrate-graph", action="store_true")
     p.add_argument("--store-bench", action="store_true")
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.calibrate:
         calibrate()
+        return
+    if args.calibrate_graph:
+        calibrate_graph()
         return
     if args.store_bench:
         store_bench(Path(args.work))

@@ -200,6 +200,22 @@ class HookedMamba(HookedRootModule):
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
+    def run_blocks(self, resid: torch.Tensor, start_layer: int,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks ``start_layer ..`` on the residual stream entering ``start_layer`` [b, l, d] (e.g. a cached
+        ``stop_at_layer=start_layer`` output) -> the residual stream after the last block, as ``forward`` computes
+        it; hooks attached with ``self.hooks(...)`` at those blocks fire as in a full pass."""
+        if not 0 <= start_layer <= self.cfg.n_layer:
+            raise ValueError(f"start_layer={start_layer} is out of range 0..{self.cfg.n_layer}")
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(resid.device)
+            if bool(mask.all()):
+                mask = None  # as forward: an all-ones mask is no mask
+        for block in self.blocks[start_layer:]:
+            resid = block(resid, mask)
+        return resid
+
     def _check_inputs(
         self, input_ids: Any, attention_mask: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

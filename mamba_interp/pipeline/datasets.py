@@ -132,7 +132,8 @@ def _corpus_datasets(source: Any, corpus: str, samples: int, seq_len: int, token
 
 @torch.no_grad()
 def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None,
-             scorers: dict[str, Scorer] | None = None) -> dict[str, Any]:
+             scorers: dict[str, Scorer] | None = None, start: tuple[int, torch.Tensor] | None = None
+             ) -> dict[str, Any]:
     """Accuracy over ``eval_mask``, mean cross-entropy over scored targets, and per example [b]: the mean
     probability (``p_correct``) and log-probability (``logprob``) of the correct token over the scored positions,
     whether every scored position is right (``example_correct``), the mean cross-entropy over its targets
@@ -141,8 +142,10 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
     ``scorers`` (under ``scores``). Runs under any hooks attached with ``model.hooks(...)``.
 
     Full-vocabulary logits are formed only at the scored positions (``pipeline/logits.py``); a scorer reads the
-    logits [b, l, v] of its batch, so only sets with scorers (short prompts such as IOI) pay for them."""
-    from mamba_interp.pipeline.logits import score_positions
+    logits [b, l, v] of its batch, so only sets with scorers (short prompts such as IOI) pay for them.
+    ``start=(layer, resid)``: run from block ``layer`` on the cached residual stream entering it [b, l, d] of the
+    whole batch (``pipeline/logits.layer_input``), for passes whose hooks are all at that layer or later."""
+    from mamba_interp.pipeline.logits import final_normed, score_positions, unembed
 
     device = next(model.parameters()).device
     b = len(batch)
@@ -165,7 +168,8 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         scored = targets != IGNORE
         # full-vocabulary logits only at the positions scored (pipeline/logits.py)
         select = scored | emask
-        lp_sel, pred_sel = score_positions(model, ids, targets, select, attention_mask=mask)
+        part = None if start is None else (start[0], start[1][sl])
+        lp_sel, pred_sel = score_positions(model, ids, targets, select, attention_mask=mask, start=part)
         lp = torch.zeros(targets.shape, device=device).masked_scatter_(select, lp_sel)  # (b, l)
         pred = torch.full(targets.shape, -1, dtype=torch.long, device=device).masked_scatter_(select, pred_sel)
         loss_sum += float(-(lp * scored).sum())
@@ -183,7 +187,7 @@ def evaluate(model: Any, batch: TaskBatch, batch_size: int, progress: Any = None
         example_loss[sl] = torch.where(n_t > 0, -(lp * scored).sum(-1) / n_t.clamp(min=1), torch.nan).double().cpu()
         example_acc[sl] = torch.where(n_e > 0, hit.sum(-1) / n_e.clamp(min=1), torch.nan).double().cpu()
         if scorers:
-            logits = model(ids, attention_mask=mask)  # (b, l, v)
+            logits = unembed(model, final_normed(model, ids, mask, part))  # (b, l, v)
             for name, fn in scorers.items():
                 scores[name][sl] = fn(logits, batch.select(sl)).double().cpu()
     return {

@@ -18,15 +18,26 @@ from mamba_interp.pipeline.memory_plan import LOGIT_CHUNK
 
 def run_blocks(model: Any, resid: torch.Tensor, attention_mask: torch.Tensor | None, start_layer: int) -> torch.Tensor:
     """Blocks ``start_layer ..`` applied to the residual stream entering ``start_layer`` [b, l, d] (hooks attached
-    with ``model.hooks(...)`` fire as in a full forward pass) -> the residual stream after the last block."""
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask.to(resid.device)
-        if bool(mask.all()):
-            mask = None  # as HookedMamba.forward: an all-ones mask is no mask
-    for block in model.blocks[start_layer:]:
-        resid = block(resid, mask)
-    return resid
+    with ``model.hooks(...)`` fire as in a full forward pass) -> the residual stream after the last block
+    (``HookedMamba.run_blocks``)."""
+    return model.run_blocks(resid, start_layer, attention_mask)
+
+
+def final_normed(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """The final-normed residual stream [b, l, d] (``hook_norm_final``, what ``lm_head`` reads) of ``ids`` [b, l],
+    from the embedding or, with ``start=(layer, resid)``, from the cached residual stream entering ``layer``."""
+    device = next(model.parameters()).device
+    if start is None:
+        resid = model(ids.to(device), attention_mask=attention_mask, stop_at_layer=model.cfg.n_layer)
+    else:
+        resid = run_blocks(model, start[1].to(device), attention_mask, start[0])
+    return model.hook_norm_final(model.norm_f(resid))
+
+
+def unembed(model: Any, normed: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [..., v] of final-normed rows [..., d] (``HookedMamba.forward``'s last step)."""
+    return model.lm_head(normed.to(model.lm_head.weight.dtype)).float()
 
 
 @torch.no_grad()
@@ -48,17 +59,13 @@ def score_positions(model: Any, ids: torch.Tensor, targets: torch.Tensor, select
     """
     device = next(model.parameters()).device
     with model.hooks(fwd_hooks=fwd_hooks or []):
-        if start is None:
-            resid = model(ids.to(device), attention_mask=attention_mask, stop_at_layer=model.cfg.n_layer)
-        else:
-            resid = run_blocks(model, start[1].to(device), attention_mask, start[0])
-        normed = model.hook_norm_final(model.norm_f(resid))  # (b, l, d)
+        normed = final_normed(model, ids, attention_mask, start)  # (b, l, d)
     rows = normed[select.to(device)]  # (P, d)
     tgt = targets.to(device)[select.to(device)].clamp(min=0)
     log_prob = torch.empty(rows.shape[0], dtype=torch.float32, device=device)
     pred = torch.empty(rows.shape[0], dtype=torch.long, device=device)
     for s in range(0, rows.shape[0], chunk):
-        logits = model.lm_head(rows[s:s + chunk].to(model.lm_head.weight.dtype)).float()  # (c, v)
+        logits = unembed(model, rows[s:s + chunk])  # (c, v)
         lp = torch.log_softmax(logits, -1)
         log_prob[s:s + chunk] = lp.gather(-1, tgt[s:s + chunk, None])[:, 0]
         pred[s:s + chunk] = logits.argmax(-1)

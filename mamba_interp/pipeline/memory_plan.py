@@ -76,12 +76,13 @@ def forward_bytes(cfg: Any, batch: int, seq_len: int, states: bool = False) -> i
     """Working set of one no-grad forward pass of [batch, seq_len] tokens, bytes (the constants above): one layer's
     mixer tensors, Mamba-2's chunk states, the residual stream, and when a hook reads the SSM state its
     materialised [b, l, state] tensors."""
-    from mamba_interp.models.ops.ssd import DEFAULT_CHUNK
+    from mamba_interp.models.ops.ssd import cpu_chunk
 
     tokens = batch * seq_len
     per_e, per_state = FORWARD_PER_TOKEN[cfg.arch]
     out = tokens * (per_e * cfg.d_inner + per_state * state_elements(cfg) + 6 * cfg.d_model)
-    out += CHUNK_STATES[cfg.arch] * batch * math.ceil(seq_len / DEFAULT_CHUNK) * state_elements(cfg)
+    out += CHUNK_STATES[cfg.arch] * batch * math.ceil(seq_len / cpu_chunk(cfg.headdim, cfg.d_state)) * state_elements(
+        cfg)
     if states:
         out += STATE_PER_ELEMENT[cfg.arch] * tokens * state_elements(cfg)
     return int(4 * out)
@@ -91,6 +92,42 @@ def logits_bytes(cfg: Any, positions: int) -> int:
     """Full-vocabulary logits of at most ``LOGIT_CHUNK`` scored positions at a time (logits, log-softmax, one
     temporary)."""
     return 3 * min(positions, LOGIT_CHUNK) * cfg.padded_vocab_size * 4
+
+
+ATTRIBUTION_GRAPH_BYTES = 512 * MiB
+"""Step 3's attribution pass (forward and backward through the blocks after the first SAE's layer) runs as many
+sequences at a time as keep its autograd graph below this (``attribution_batch``; at least one)."""
+# Measured autograd graph of the attribution pass per token (bench/bench_scale.py --calibrate-graph on the 130M
+# configurations, model weights frozen as ``latent_attribution`` runs it), float32 elements: per block 11.6 per e
+# (d_inner), plus Mamba-2's chunk states, about 4 copies of [l / T, h, p, n] (T = the SSD chunk) per sequence;
+# per latent of the spliced SAEs (recorded latents, pre-activations, reconstruction inputs). The log-odds chunks
+# add about ATTRIBUTION_LOGIT_COPIES logit chunks [ATTRIBUTION_LOGIT_CHUNK, v] whatever the batch.
+GRAPH_PER_E = 11.6
+GRAPH_CHUNK_STATES = 4.0
+GRAPH_PER_LATENT = {"mamba1": 3.7, "mamba2": 7.5}
+ATTRIBUTION_LOGIT_COPIES = 5
+ATTRIBUTION_LOGIT_CHUNK = 128
+"""Target positions whose full-vocabulary logits the attribution pass forms at once (checkpointed, so each chunk's
+logits exist during its own forward and backward only; smaller than ``LOGIT_CHUNK`` since several copies live)."""
+
+
+def attribution_graph_bytes(cfg: Any, blocks: int, seq_len: int, sequences: int, latents: Sequence[int]) -> int:
+    """Autograd graph of the attribution pass over ``sequences`` × ``seq_len`` tokens through ``blocks`` blocks with
+    SAEs of ``latents`` (d_sae each) spliced in, bytes (without the log-odds chunks)."""
+    from mamba_interp.models.ops.ssd import cpu_chunk
+
+    per_block = GRAPH_PER_E * cfg.d_inner
+    if cfg.arch == "mamba2":  # the chunk states [c, h, p, n], c = l / T per sequence
+        per_block += GRAPH_CHUNK_STATES * state_elements(cfg) / min(cpu_chunk(cfg.headdim, cfg.d_state), seq_len)
+    per_token = blocks * per_block + GRAPH_PER_LATENT[cfg.arch] * sum(latents)
+    return int(4 * sequences * seq_len * per_token)
+
+
+def attribution_batch(cfg: Any, blocks: int, seq_len: int, latents: Sequence[int], batch_size: int) -> int:
+    """Sequences per forward/backward of the attribution pass: ``batch_size``, lowered so that its graph stays
+    below ``ATTRIBUTION_GRAPH_BYTES`` (at least one)."""
+    per_sequence = attribution_graph_bytes(cfg, blocks, seq_len, 1, latents)
+    return int(max(1, min(batch_size, ATTRIBUTION_GRAPH_BYTES // max(per_sequence, 1))))
 
 
 def collection_batch(cfg: Any, seq_len: int, hooks: Sequence[str], batch_size: int) -> int:
@@ -112,6 +149,12 @@ def decide_store(requested: str, nbytes: int, available: int | None) -> str:
     return "memory" if nbytes <= limit else "disk"
 
 
+SCAN_COST = {"mamba1": 400.0, "mamba2": 40.0}
+"""Matmul-equivalent operations per state element and token of the scan. Measured: Mamba-1's loop scan of
+[16, 256, 1536, 16] takes 0.13 s on 2 threads where the matmul rate is 332 GFLOP/s, about 430 per element (it is
+memory-bound); Mamba-2's chunked SSD is matmul-based."""
+
+
 def forward_flops(cfg: Any, tokens: int, layers: int, head_positions: int = 0) -> float:
     """Multiply-adds ×2 of a forward pass of ``tokens`` through ``layers`` blocks, plus the unembedding at
     ``head_positions``; the scan counts 10 operations per state element (it runs far below the matmul rate)."""
@@ -122,7 +165,7 @@ def forward_flops(cfg: Any, tokens: int, layers: int, head_positions: int = 0) -
     else:
         gn, h = cfg.ngroups * n, cfg.nheads
         per_layer = 2 * (d * (2 * e + 2 * gn + h) + e * d + (e + 2 * gn) * cfg.d_conv)
-    per_layer += 10 * 4 * state_elements(cfg)  # the scan: memory-bound, counted at a quarter of the rate
+    per_layer += SCAN_COST[cfg.arch] * state_elements(cfg)  # the scan runs far below the matmul rate
     return tokens * layers * per_layer + 2.0 * head_positions * d * cfg.padded_vocab_size
 
 
@@ -279,17 +322,66 @@ def _sae(p: PlanInputs) -> StepEstimate:
         # one SAE's latents at a time (HeldOutLatents), plus the two copies correlating them makes
         "latents of the held-out tokens (one SAE)": 3 * tok_eval * m * 4,
         "SAE, Adam, batch": 4 * 4 * (2 * widest * m) + 12 * opts.batch_size * m * 4,
-        "loss passes": forward_bytes(p.cfg, b, p.seq_len) + logits_bytes(p.cfg, b * p.seq_len)
-        + n_eval * p.seq_len * p.cfg.d_model * 4,
+        "loss passes": forward_bytes(p.cfg, b, p.seq_len) + logits_bytes(p.cfg, b * p.seq_len),
+        # the residual stream entering each SAE layer, and the clean final-normed one
+        "layer inputs (cached)": (len(layers) + 1) * n_eval * p.seq_len * p.cfg.d_model * 4,
     }
+    last, first = p.cfg.n_layer, min(layers)
+    n_sub = min(opts.dashboard_sequences, n_eval)
+    if opts.dashboards:
+        latents = [opts.expansion * w for w in widths] * len(layers)
+        micro = attribution_batch(p.cfg, last - first, p.seq_len, latents, min(p.config.batch_size, n_sub))
+        parts["attribution pass"] = (attribution_graph_bytes(p.cfg, last - first, p.seq_len, micro, latents)
+                                     + ATTRIBUTION_LOGIT_COPIES * ATTRIBUTION_LOGIT_CHUNK * p.cfg.padded_vocab_size
+                                     * 4)
     train_flops = sum(math.ceil(opts.epochs * tok_train / opts.batch_size) * opts.batch_size * 2 * w
                       * opts.expansion * w * 8 for w in widths) * len(layers)
-    last = p.cfg.n_layer
-    passes = (1 + 3 * len(widths)) * sum(forward_flops(p.cfg, tok_eval, last - i, tok_eval) for i in layers)
+    # every pass starts at its SAE's layer from the cached inputs: the clean one, then zero / mean / spliced per SAE
+    passes = forward_flops(p.cfg, tok_eval, last - first, tok_eval) + sum(
+        forward_flops(p.cfg, tok_eval, i, 0) + 3 * len(widths) * forward_flops(p.cfg, tok_eval, last - i, tok_eval)
+        for i in layers)
+    if opts.dashboards:  # attribution (forward and backward: ~3 passes), one ablated pass per SAE
+        tok_sub = n_sub * p.seq_len
+        passes += 3 * forward_flops(p.cfg, tok_sub, last - first, tok_sub) + len(widths) * sum(
+            forward_flops(p.cfg, tok_sub, last - i, tok_sub) for i in layers)
     collect = forward_flops(p.cfg, tok_eval, max(layers) + 1) if p.heldout else 0.0
     disk = (activation_bytes(p.cfg, opts.hooks, layers, n_eval, p.seq_len) if p.heldout and p.store == "disk"
             else 0) + sum(2 * w * opts.expansion * w * 4 for w in widths) * len(layers)
     return _estimate(p, 3, "sae", parts, disk, p.seconds(train_flops + passes + collect), fix="--samples")
+
+
+AMNESIC_VARIABLES = 4
+"""Step 4's estimate assumes this many amnesic tests (one per probed variable; the variables are known only once
+step 1's data exist): a language model's token, previous token and position, plus one task variable."""
+
+
+@register_estimator(4)
+def _probes(p: PlanInputs) -> StepEstimate:
+    from mamba_interp.pipeline.steps.s04_probes import Options
+
+    opts = p.options.get(4) or Options()
+    hooks = [h for h in (opts.hooks or p.hooks) if h != "state_norm"]
+    b = min(p.config.batch_size, p.sequences)
+    widest = max((hook_width(p.cfg, h) for h in hooks), default=p.cfg.d_model)
+    n_amnesic = min(opts.amnesic_sequences, p.sequences) if opts.amnesic else 0
+    first = min(p.layers)
+    parts = {
+        "step 2 activations held": p.held_activations,
+        # a state probe reads hook_ssm_state of one layer: the forward pass materialises [b, l, state]
+        "forward pass": forward_bytes(p.cfg, collection_batch(p.cfg, p.seq_len, ("state_norm",), b), p.seq_len,
+                                      states=True),
+        "logits": logits_bytes(p.cfg, b * p.seq_len),
+        # the probed tokens' activations as float64 (and one copy), and their SSM states as float32
+        "probe features (float64)": 2 * 8 * opts.max_tokens * widest,
+        "states of the probed tokens": 4 * opts.state_max_tokens * state_elements(p.cfg),
+        "layer inputs (cached)": n_amnesic * p.seq_len * p.cfg.d_model * 4,
+    }
+    tokens, tok_amnesic = p.sequences * p.seq_len, n_amnesic * p.seq_len
+    flops = forward_flops(p.cfg, tokens, max(p.layers) + 1)  # the state probes' passes
+    if n_amnesic:  # the cached inputs, the clean run, then an erased and a control run per variable
+        flops += forward_flops(p.cfg, tok_amnesic, first) + (1 + 2 * AMNESIC_VARIABLES) * forward_flops(
+            p.cfg, tok_amnesic, p.cfg.n_layer - first, tok_amnesic)
+    return _estimate(p, 4, "probes", parts, cpu=p.seconds(flops), fix="--batch-size")
 
 
 def shuffle_rows(opts: Any, width: int) -> int:
@@ -343,15 +435,15 @@ class MemoryPlan:
         lines = [f"memory plan: baseline {_fmt(self.baseline_bytes)} (process with the model loaded); available "
                  f"{avail}; activations {_fmt(self.activation_bytes)} held {'in memory' if self.store == 'memory' else 'on disk'}; "
                  f"disk free {disk}",
-                 f"  {'step':<18} {'peak':>9} {'disk':>9} {'CPU time':>10}  largest item"]
+                 f"  {'step':<18} {'peak':>9} {'disk':>9} {'time':>10}  largest item"]
         for s in self.steps:
             item = max(s.parts, key=s.parts.get) if s.parts else ""
             cpu = "" if s.cpu_seconds is None else _fmt_time(s.cpu_seconds)
             lines.append(f"  {s.number:>2} {s.name:<15} {_fmt(s.peak_bytes):>9} {_fmt(s.disk_bytes):>9} {cpu:>10}  "
                          + (f"{item} {_fmt(s.parts[item])}" if item else ""))
         total = sum(s.cpu_seconds or 0 for s in self.steps)
-        lines.append(f"  CPU time at the measured {self.flops / 1e9:.0f} GFLOP/s matmul rate: about "
-                     f"{_fmt_time(total)} in all (indicative, ±2x)")
+        lines.append(f"  time (wall clock on this run's threads) at the measured {self.flops / 1e9:.0f} GFLOP/s matmul "
+                     f"rate: about {_fmt_time(total)} in all (indicative, ±2x)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -375,6 +467,10 @@ FIXES = {
     "latents of the held-out tokens (one SAE)": "lower --samples, or the SAE hooks / expansion "
                                                 "(--option sae.hooks=resid_post, --option sae.expansion=2)",
     "loss passes": "lower --batch-size",
+    "layer inputs (cached)": "lower --samples or --seq-len",
+    "attribution pass": "lower --seq-len, or turn the feature dashboards off (--option sae.dashboards=0)",
+    "probe features (float64)": "lower --option probes.max_tokens",
+    "states of the probed tokens": "lower --option probes.state_max_tokens",
     "training rows (shuffle buffer)": "lower --option sae.shuffle_buffer_mb",
     "held-out rows": "lower --samples",
     "SAE, Adam, batch": "lower --option sae.expansion or sae.batch_size",

@@ -28,9 +28,10 @@ from torch import Tensor
 
 from mamba_interp.pipeline.context import StepContext
 from mamba_interp.pipeline.sae_support import (
+    LayerStarts,
     SAEActivations,
+    SequenceCE,
     TrainedSAE,
-    layer_inputs,
     sequence_losses,
     token_renderer,
 )
@@ -60,19 +61,22 @@ def log_odds(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def attributions(model: Any, batch: Any, trained: dict[str, TrainedSAE], batch_size: int,
-                 vocab: int) -> dict[str, Tensor]:
+                 vocab: int, start: Tensor | None = None) -> dict[str, Tensor]:
     """Per SAE key, [m] estimated change of the mean log-odds of the correct token over ``batch``'s target
     positions when each latent is zero-ablated (all SAEs spliced at once with their error terms: the forward is
     the clean model's). Negative: ablating the latent hurts.
 
     The pass starts at the first SAE's layer from the residual stream entering it (computed without autograd), and
-    the log-odds are taken on the target positions ``LOGIT_CHUNK`` rows at a time under activation checkpointing,
-    so the autograd graph holds only the blocks after that layer and one chunk of full-vocabulary logits
-    (:func:`attributions_reference` is the plain full-model pass; the two agree)."""
+    the log-odds are taken on the target positions ``memory_plan.ATTRIBUTION_LOGIT_CHUNK`` rows at a time under
+    activation checkpointing, so the autograd graph holds only the blocks after that layer and one chunk of
+    full-vocabulary logits (:func:`attributions_reference` is the plain full-model pass; the two agree). ``start``: that residual stream
+    [b, l, d] of the whole batch, when the caller has it (``LayerStarts``). The graph is bounded by running
+    ``attribution_batch`` sequences at a time (``memory_plan.ATTRIBUTION_GRAPH_BYTES``); a sum over sequences, so
+    the result does not depend on it."""
     import torch.utils.checkpoint
 
     from mamba_interp.pipeline.logits import layer_input, run_blocks
-    from mamba_interp.pipeline.memory_plan import LOGIT_CHUNK
+    from mamba_interp.pipeline.memory_plan import ATTRIBUTION_LOGIT_CHUNK, attribution_batch
     from mamba_interp.tasks.base import IGNORE
 
     device = next(model.parameters()).device
@@ -85,11 +89,13 @@ def attributions(model: Any, batch: Any, trained: dict[str, TrainedSAE], batch_s
         logits = model.lm_head(rows.to(model.lm_head.weight.dtype))[..., :vocab][None]
         return log_odds(logits, tgt[None])[0].sum()
 
-    for s in range(0, len(batch), batch_size):
-        ids = batch.tokens[s:s + batch_size].to(device)
-        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + batch_size].to(device)
-        targets = batch.targets[s:s + batch_size].to(device)
-        resid = layer_input(model, ids, mask, first)  # [b, l, d], no autograd graph
+    step = attribution_batch(model.cfg, model.cfg.n_layer - first, batch.tokens.shape[1],
+                             [t.sae.cfg.d_sae for t in trained.values()], batch_size)
+    for s in range(0, len(batch), step):
+        ids = batch.tokens[s:s + step].to(device)
+        mask = None if batch.attention_mask is None else batch.attention_mask[s:s + step].to(device)
+        targets = batch.targets[s:s + step].to(device)
+        resid = layer_input(model, ids, mask, first) if start is None else start[s:s + step].to(device)  # [b, l, d]
         scored = targets != IGNORE
 
         def forward(resid: Tensor = resid, mask: Tensor | None = mask, scored: Tensor = scored) -> Tensor:
@@ -98,9 +104,10 @@ def attributions(model: Any, batch: Any, trained: dict[str, TrainedSAE], batch_s
 
         def metric(rows: Tensor, tgt: Tensor = targets[scored]) -> Tensor:
             total = rows.new_zeros(())
-            for c in range(0, rows.shape[0], LOGIT_CHUNK):
+            chunk = ATTRIBUTION_LOGIT_CHUNK
+            for c in range(0, rows.shape[0], chunk):
                 total = total + torch.utils.checkpoint.checkpoint(
-                    chunk_log_odds, rows[c:c + LOGIT_CHUNK], tgt[c:c + LOGIT_CHUNK], use_reentrant=False)
+                    chunk_log_odds, rows[c:c + chunk], tgt[c:c + chunk], use_reentrant=False)
             return total / max(total_targets, 1)
 
         part = latent_attribution(model, metric, saes=by_hook, forward=forward)
@@ -164,16 +171,23 @@ def _dense(values: Tensor, mask: Tensor) -> Tensor:
 
 def build_dashboards(ctx: StepContext, trained: dict[str, TrainedSAE], features: dict[str, Tensor],
                      data: SAEActivations, correlations: dict[str, list[dict]], variables: dict[str, Tensor],
-                     n: int, n_sequences: int, k: int) -> list[dict]:
-    """The cards of every SAE (JSON-able), measured on step 3's held-out data."""
+                     n: int, n_sequences: int, k: int, starts: LayerStarts | None = None,
+                     clean: SequenceCE | None = None, clean_final: Tensor | None = None) -> list[dict]:
+    """The cards of every SAE (JSON-able), measured on step 3's held-out data. ``starts``: the residual stream
+    entering each SAE layer of the held-out batch, and ``clean``: its clean cross-entropy per sequence, when step 3
+    has them (every pass here then starts at an SAE's layer); ``clean_final``: its clean final-normed residual
+    stream [b, l, d] (the clean logits of the measured logit effects)."""
     model, batch = ctx.model, data.eval_batch
     render = token_renderer(ctx)
-    subset = batch.select(slice(0, min(n_sequences, len(batch))))
-    att = attributions(model, subset, trained, ctx.batch_size, model.cfg.vocab_size)
-    clean = sequence_losses(model, subset, ctx.batch_size)
+    n_sub = min(n_sequences, len(batch))
+    subset = batch.select(slice(0, n_sub))
+    starts = starts if starts is not None else LayerStarts(model, batch, ctx.batch_size)
+    first = min(t.layer for t in trained.values())
+    att = attributions(model, subset, trained, ctx.batch_size, model.cfg.vocab_size, start=starts(first, n_sub)[1])
+    clean = (clean.per_sequence(n_sub) if clean is not None
+             else sequence_losses(model, subset, ctx.batch_size, start=starts(first, n_sub)))
     mask = data.eval.mask
     cards: list[dict] = []
-    starts: dict[int, Tensor] = {}  # the residual stream entering each SAE layer, for the ablation passes
     for idx, (key, t) in enumerate(trained.items()):
         picks = choose_latents(correlations.get(key, []), t.density, att[key], n)
         if not picks:
@@ -197,13 +211,12 @@ def build_dashboards(ctx: StepContext, trained: dict[str, TrainedSAE], features:
                 seqs = [c["sequence"] for c in card["contexts"]]
                 pos = [c["position"] for c in card["contexts"]]
                 card["logit_effect"] = ablation_logit_effect(model, t.sae, t.hook_name, batch.tokens, seqs, pos,
-                                                             latent, render, attention_mask=batch.attention_mask)
+                                                             latent, render, attention_mask=batch.attention_mask,
+                                                             start=starts(t.layer), clean_final=clean_final)
             if latent == top_latent and float(att[key][latent]) < 0:
-                if t.layer not in starts:  # the blocks before the SAE's layer are the clean model's
-                    starts[t.layer] = layer_inputs(model, subset, t.layer, ctx.batch_size)
                 ablated = sequence_losses(model, subset, ctx.batch_size, saes={t.hook_name: t.sae},
                                           use_error_term=True, latent_edits={t.hook_name: ablate_latents([latent])},
-                                          start=(t.layer, starts[t.layer]))
+                                          start=starts(t.layer, n_sub))
                 card["ablation"] = paired_diff_ci(ablated.numpy(), clean.numpy(), seed=ctx.seed).to_dict()
             cards.append(card)
     return cards

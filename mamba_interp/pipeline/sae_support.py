@@ -131,17 +131,49 @@ def _splice_kwargs(fwd_hooks: list | None, saes: dict | None, use_error_term: bo
             "latent_edits": latent_edits}
 
 
+@dataclass(frozen=True)
+class SequenceCE:
+    """Per sequence [b]: the summed cross-entropy over its target positions and their count (``_ce_sums``)."""
+
+    sums: Tensor
+    counts: Tensor
+
+    @property
+    def mean(self) -> float:
+        """Mean cross-entropy over every target position of the batch."""
+        if int(self.counts.sum()) == 0:
+            raise ValueError("the held-out batch has no target positions to score the loss on")
+        return float(self.sums.sum() / self.counts.sum())
+
+    def per_sequence(self, n: int | None = None) -> Tensor:
+        """[n] mean cross-entropy of each of the first ``n`` sequences (NaN for a sequence without a target)."""
+        sums, counts = self.sums[:n], self.counts[:n]
+        return sums / counts.double().where(counts > 0, torch.tensor(float("nan"), dtype=torch.float64))
+
+
+def sequence_ce(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
+                use_error_term: bool = False, latent_edits: dict | None = None,
+                start: tuple[int, Tensor] | None = None) -> SequenceCE:
+    """The batch's cross-entropy at its target positions (targets != -100) per sequence, with optional hooks and
+    SAEs spliced in at hook points (as ``model.run_with_saes``: ``saes={hook_name: sae}``, ``use_error_term``,
+    ``latent_edits``); ``start`` as in ``_ce_sums``. One pass gives both :func:`target_loss` and
+    :func:`sequence_losses`."""
+    return SequenceCE(*_ce_sums(model, batch, batch_size, start,
+                                **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits)))
+
+
 def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
                 use_error_term: bool = False, latent_edits: dict | None = None,
                 start: tuple[int, Tensor] | None = None) -> float:
-    """Mean cross-entropy over the batch's target positions (targets != -100), with optional hooks and SAEs
-    spliced in at hook points (as ``model.run_with_saes``: ``saes={hook_name: sae}``, ``use_error_term``,
-    ``latent_edits``); ``start`` as in ``_ce_sums``."""
-    sums, counts = _ce_sums(model, batch, batch_size, start,
-                            **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
-    if int(counts.sum()) == 0:
-        raise ValueError("the held-out batch has no target positions to score the loss on")
-    return float(sums.sum() / counts.sum())
+    """Mean cross-entropy over the batch's target positions (:func:`sequence_ce`)."""
+    return sequence_ce(model, batch, batch_size, fwd_hooks, saes, use_error_term, latent_edits, start).mean
+
+
+def sequence_losses(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
+                    use_error_term: bool = False, latent_edits: dict | None = None,
+                    start: tuple[int, Tensor] | None = None) -> Tensor:
+    """[b] mean cross-entropy over each sequence's target positions (NaN for a sequence without one)."""
+    return sequence_ce(model, batch, batch_size, fwd_hooks, saes, use_error_term, latent_edits, start).per_sequence()
 
 
 def layer_inputs(model: Any, batch: Any, layer: int, batch_size: int) -> Tensor:
@@ -156,13 +188,20 @@ def layer_inputs(model: Any, batch: Any, layer: int, batch_size: int) -> Tensor:
     return torch.cat(parts)
 
 
-def sequence_losses(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
-                    use_error_term: bool = False, latent_edits: dict | None = None,
-                    start: tuple[int, Tensor] | None = None) -> Tensor:
-    """[b] mean cross-entropy over each sequence's target positions (NaN for a sequence without one)."""
-    sums, counts = _ce_sums(model, batch, batch_size, start,
-                            **_splice_kwargs(fwd_hooks, saes, use_error_term, latent_edits))
-    return sums / counts.double().where(counts > 0, torch.tensor(float("nan"), dtype=torch.float64))
+class LayerStarts:
+    """The residual stream entering each asked-for layer [b, l, d] of one batch, computed once per layer
+    (:func:`layer_inputs`): step 3's loss passes, attributions and dashboard ablations all start there, since the
+    blocks before an SAE's layer are the clean model's. ``starts(layer)`` gives ``(layer, resid)`` for ``start=``."""
+
+    def __init__(self, model: Any, batch: Any, batch_size: int) -> None:
+        self.model, self.batch, self.batch_size = model, batch, batch_size
+        self._cache: dict[int, Tensor] = {}
+
+    def __call__(self, layer: int, rows: int | None = None) -> tuple[int, Tensor]:
+        """``(layer, resid)``; ``rows``: only the first ``rows`` sequences (a prefix of the batch)."""
+        if layer not in self._cache:
+            self._cache[layer] = layer_inputs(self.model, self.batch, layer, self.batch_size)
+        return layer, self._cache[layer][:rows]
 
 
 def ablation_hooks(mean: Tensor) -> dict[str, Any]:

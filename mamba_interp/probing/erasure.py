@@ -104,22 +104,25 @@ class ModelRun:
 
 
 def run_model(model: Any, batch: Any, batch_size: int = 64, hook_name: str | None = None, eraser: Any = None,
-              positions: torch.Tensor | None = None) -> ModelRun:
+              positions: torch.Tensor | None = None, start: tuple[int, torch.Tensor] | None = None) -> ModelRun:
     """:class:`ModelRun` of ``batch`` (``pipeline.datasets.evaluate``, one batch of ``batch_size`` sequences at a
-    time), with ``hook_name``'s activation erased by ``eraser`` at ``positions`` [b, l] when given."""
+    time), with ``hook_name``'s activation erased by ``eraser`` at ``positions`` [b, l] when given.
+    ``start=(layer, resid)``: begin at block ``layer`` from the cached residual stream entering it [b, l, d] of the
+    whole batch (``pipeline.logits.layer_input``); the erased hook must be at that layer or later."""
     from mamba_interp.pipeline.datasets import evaluate
     from mamba_interp.tasks.base import IGNORE
 
     correct = scored = loss = targets = 0.0
     examples, p = [], []
-    for start in range(0, len(batch), batch_size):
-        part = batch.select(slice(start, start + batch_size))
+    for s in range(0, len(batch), batch_size):
+        part = batch.select(slice(s, s + batch_size))
+        resid = None if start is None else (start[0], start[1][s:s + batch_size])
         if hook_name is None:
-            ev = evaluate(model, part, len(part))
+            ev = evaluate(model, part, len(part), start=resid)
         else:
-            pos = None if positions is None else positions[start:start + batch_size]
+            pos = None if positions is None else positions[s:s + batch_size]
             with model.hooks([(hook_name, erasing_hook(eraser, pos))]):
-                ev = evaluate(model, part, len(part))
+                ev = evaluate(model, part, len(part), start=resid)
         n_targets = int((part.targets != IGNORE).sum())
         correct += ev["accuracy"] * ev["scored_positions"]
         scored += ev["scored_positions"]
@@ -132,19 +135,19 @@ def run_model(model: Any, batch: Any, batch_size: int = 64, hook_name: str | Non
 
 
 def amnesic_effect(model: Any, batch: Any, hook_name: str, eraser: Any, positions: torch.Tensor | None = None,
-                   batch_size: int = 64, n_resamples: int = 1000, seed: int = 0, clean: ModelRun | None = None
-                   ) -> AmnesicEffect:
+                   batch_size: int = 64, n_resamples: int = 1000, seed: int = 0, clean: ModelRun | None = None,
+                   start: tuple[int, torch.Tensor] | None = None) -> AmnesicEffect:
     """Run ``batch`` (a ``TaskBatch``) clean and with ``hook_name``'s activation erased at ``positions`` [b, l]
     (bool; None: every position), and compare the model's accuracy, p(correct) and loss. ``clean``: the clean
-    :func:`run_model` of the same batch, when several erasures share it."""
+    :func:`run_model` of the same batch, when several erasures share it; ``start``: as in :func:`run_model`."""
     from mamba_interp.stats import paired_diff_ci
 
     if hook_name not in model.hook_dict:
         raise ValueError(f"hook {hook_name!r} does not exist in this model; e.g. {next(iter(model.hook_dict))}")
     if positions is not None and tuple(positions.shape) != tuple(batch.tokens.shape):
         raise ValueError(f"positions must be [b, l] = {tuple(batch.tokens.shape)}, got {tuple(positions.shape)}")
-    clean = clean if clean is not None else run_model(model, batch, batch_size)
-    erased = run_model(model, batch, batch_size, hook_name, eraser, positions)
+    clean = clean if clean is not None else run_model(model, batch, batch_size, start=start)
+    erased = run_model(model, batch, batch_size, hook_name, eraser, positions, start=start)
     kw = dict(n_resamples=n_resamples, seed=seed)
     return AmnesicEffect(
         hook_name=hook_name, clean_accuracy=clean.accuracy, erased_accuracy=erased.accuracy, clean_loss=clean.loss,
@@ -179,11 +182,12 @@ class AmnesicTest:
 
 def amnesic_test(model: Any, x: torch.Tensor, y: Any, layer: int, hook: str, eval_batch: Any,
                  eval_positions: torch.Tensor | None, task: str | None = None, variable: str = "",
-                 batch_size: int = 64, seed: int = 0, n_resamples: int = 1000, clean: ModelRun | None = None
-                 ) -> AmnesicTest:
+                 batch_size: int = 64, seed: int = 0, n_resamples: int = 1000, clean: ModelRun | None = None,
+                 start: tuple[int, torch.Tensor] | None = None) -> AmnesicTest:
     """Fit LEACE on ``x`` [M, k] (the hook's activation at the tokens labelled ``y`` [M]) for ``y`` and for ``y``
     permuted, then run ``eval_batch`` with each eraser applied at ``eval_positions`` [b, l] (:func:`amnesic_effect`;
-    ``clean``: the clean :func:`run_model` of ``eval_batch``, shared by several tests)."""
+    ``clean``: the clean :func:`run_model` of ``eval_batch``, shared by several tests; ``start``: the residual
+    stream entering ``layer`` of ``eval_batch``, as in :func:`run_model`, so the passes skip the blocks before)."""
     from mamba_interp.pipeline.activation_stats import hook_name
 
     xx = torch.as_tensor(x).double()
@@ -192,8 +196,8 @@ def amnesic_test(model: Any, x: torch.Tensor, y: Any, layer: int, hook: str, eva
     perm = np.random.default_rng(seed).permutation(np.asarray(y))
     ctrl_x, ctrl = erase_concept(xx, perm, task=task)
     name = hook_name(hook, layer)
-    clean = clean if clean is not None else run_model(model, eval_batch, batch_size)
-    kw = dict(batch_size=batch_size, n_resamples=n_resamples, seed=seed, clean=clean)
+    clean = clean if clean is not None else run_model(model, eval_batch, batch_size, start=start)
+    kw = dict(batch_size=batch_size, n_resamples=n_resamples, seed=seed, clean=clean, start=start)
     rank = int(torch.linalg.matrix_rank(eraser.proj_left).item())
     return AmnesicTest(variable, layer, hook, rank,
                        amnesic_effect(model, eval_batch, name, eraser, eval_positions, **kw),

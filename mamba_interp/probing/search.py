@@ -185,13 +185,15 @@ tokens; one fit per unit instead of a cross-validated grid)."""
 
 
 def unit_scores(X: np.ndarray, y: np.ndarray, units: Sequence[np.ndarray], groups: np.ndarray, seed: int = 0,
-                split: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                split: tuple[np.ndarray, np.ndarray] | None = None, rows: np.ndarray | None = None) -> np.ndarray:
     """Held-out score of a ridge probe (penalty ``UNIT_ALPHA``) on each group of columns of ``X`` [N, d] alone (a
-    channel's or a head's features) -> [len(units)], all on one split by ``groups``."""
+    channel's or a head's features) -> [len(units)], all on one split by ``groups``. ``rows``: the rows of ``X``
+    that ``y`` and ``groups`` label (default all), taken one unit's columns at a time rather than copied whole."""
     split = split if split is not None else split_indices(len(y), groups, 0.25, seed)
     out = np.empty(len(units))
     for i, cols in enumerate(units):
-        out[i] = fit_probe(X[:, cols], y, "ridge", groups=groups, seed=seed, split=split, alphas=(UNIT_ALPHA,)).score
+        x = X[:, cols] if rows is None else X[np.ix_(rows, cols)]
+        out[i] = fit_probe(x, y, "ridge", groups=groups, seed=seed, split=split, alphas=(UNIT_ALPHA,)).score
     return out
 
 

@@ -101,10 +101,13 @@ def probe_states(model: Any, batch: Any, layers: Sequence[int], variables: dict[
         states = collect_states(model, batch, layer, coords_all[torch.as_tensor(union)], batch_size)  # (U, e, n)
         n_units = states.shape[1]
         width = int(np.prod(states.shape[2:]))
-        flat = states.reshape(states.shape[0], -1).double().numpy()  # (U, units · width), unit-major
+        # (U, units · width), unit-major; float32 (fit_probe takes each unit's columns to float64, the same numbers):
+        # Mamba-2's states are h·p·n = 196k values per token at 130M, so a float64 copy of all would double them
+        flat = states.reshape(states.shape[0], -1).numpy()
         units = [np.arange(u * width, (u + 1) * width) for u in range(n_units)]
         for i, var in enumerate(variables.values()):
-            x = flat[[where[int(r)] for r in var.rows]]
+            idx = np.fromiter((where[int(r)] for r in var.rows), dtype=np.int64, count=len(var.rows))
+            x = flat if np.array_equal(idx, np.arange(len(flat))) else flat[idx]  # no copy for the union itself
             half_a, half_b = split_indices(len(var.y), var.groups, 0.5, seed + 1)
             usable = True
             for half in (half_a, half_b):  # each half is split again into train and test
@@ -112,14 +115,14 @@ def probe_states(model: Any, batch: Any, layers: Sequence[int], variables: dict[
                 usable &= np.unique(g).size > 1 and splits_both_ways(var.y[half], split_indices(len(g), g, 0.25, seed))
             if not usable:
                 continue
-            imp = unit_scores(x[half_a], var.y[half_a], units, var.groups[half_a], seed)
+            imp = unit_scores(x, var.y[half_a], units, var.groups[half_a], seed, rows=half_a)
             m = min(top, n_units)
             ranked = np.lexsort((np.arange(n_units), -imp))[:m]  # by importance, ties by index
-            xb, yb, gb = x[half_b], var.y[half_b], var.groups[half_b]
+            yb, gb = var.y[half_b], var.groups[half_b]
 
             def score(chosen: np.ndarray) -> Probe:
                 cols = np.concatenate([units[u] for u in chosen])
-                return fit_probe(xb[:, cols], yb, "ridge", groups=gb, seed=seed, task=var.task,
+                return fit_probe(x[np.ix_(half_b, cols)], yb, "ridge", groups=gb, seed=seed, task=var.task,
                                  alphas=(UNIT_ALPHA,))
 
             rng = np.random.default_rng([seed, layer, i])

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mamba_interp.sparse_autoencoder.model import SparseAutoencoder
-from mamba_interp.sparse_autoencoder.splice import ablate_latents, run_with_saes
+from mamba_interp.sparse_autoencoder.splice import ablate_latents, saes_spliced
 
 RenderToken = Callable[[int], str]
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_post", "mixer.hook_out")
@@ -114,19 +114,41 @@ def direct_logit_effect(model: Any, directions: Tensor, render: RenderToken, top
 @torch.no_grad()
 def ablation_logit_effect(model: Any, sae: SparseAutoencoder, hook_name: str, tokens: Tensor,
                           sequences: Sequence[int], positions: Sequence[int], latent: int, render: RenderToken,
-                          attention_mask: Tensor | None = None, top: int = 8) -> dict:
+                          attention_mask: Tensor | None = None, top: int = 8,
+                          start: tuple[int, Tensor] | None = None, clean_final: Tensor | None = None) -> dict:
     """Mean of (clean − ablated) logits at (sequence, position) pairs when ``latent`` is zero-ablated in those
-    sequences (all positions; the SAE's error term kept), over the vocabulary; its top promoted / suppressed."""
+    sequences (all positions; the SAE's error term kept), over the vocabulary; its top promoted / suppressed.
+
+    Logits are formed at those pairs only. ``start=(layer, resid)``: the residual stream entering ``layer`` [B, l, d]
+    for every sequence of ``tokens`` (the SAE's hook must be at that layer or later); both passes then run from
+    there instead of from the embedding. ``clean_final``: the clean final-normed residual stream [B, l, d] of every
+    sequence (``hook_norm_final`` of a clean pass), which replaces the clean pass."""
     rows = sorted(set(int(s) for s in sequences))
     where = {s: i for i, s in enumerate(rows)}
     device = next(model.parameters()).device
     ids = tokens[rows].to(device)
     mask = None if attention_mask is None else attention_mask[rows].to(device)
-    clean = model(ids, attention_mask=mask)
-    ablated = run_with_saes(model, ids, attention_mask=mask, saes={hook_name: sae}, use_error_term=True,
-                            latent_edits={hook_name: ablate_latents([latent])})
+    part = None if start is None else (start[0], start[1][rows])
     r = torch.tensor([where[int(s)] for s in sequences], device=device)
     p = torch.as_tensor(list(positions), device=device).long()
-    effect = (clean[r, p] - ablated[r, p]).float().mean(0)[: model.cfg.vocab_size].cpu()
+
+    def logits_at() -> Tensor:  # (P, v) at the (sequence, position) pairs only
+        if part is None:
+            resid = model(ids, attention_mask=mask, stop_at_layer=model.cfg.n_layer)
+        else:
+            resid = model.run_blocks(part[1].to(device), part[0], mask)
+        rows_ = model.hook_norm_final(model.norm_f(resid))[r, p]
+        return model.lm_head(rows_.to(model.lm_head.weight.dtype)).float()
+
+    with torch.no_grad():
+        if clean_final is None:
+            clean = logits_at()
+        else:
+            rows_ = clean_final[rows].to(device)[r, p]
+            clean = model.lm_head(rows_.to(model.lm_head.weight.dtype)).float()
+        with saes_spliced(model, {hook_name: sae}, use_error_term=True,
+                          latent_edits={hook_name: ablate_latents([latent])}):
+            ablated = logits_at()
+    effect = (clean - ablated).float().mean(0)[: model.cfg.vocab_size].cpu()
     note = f"measured: mean logit change at its top {len(p)} positions when it is zero-ablated"
     return {"kind": "ablation", "note": note, **_top_tokens(effect, render, top)}

@@ -159,8 +159,10 @@ class SparseAutoencoder(nn.Module):
         """Project out the gradient component along each (unit) decoder row, g ← g − (g·ŵ)ŵ (Bricken et al. 2023)."""
         if self.W_dec.grad is None:
             return
-        w_hat = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad.sub_((self.W_dec.grad * w_hat).sum(1, keepdim=True) * w_hat)
+        # g ← g − (g·w / |w|²) w: the same projection without [m, d] temporaries (a per-step cost at d_sae · d)
+        w, g = self.W_dec.detach(), self.W_dec.grad
+        coef = torch.einsum("md,md->m", g, w) / torch.einsum("md,md->m", w, w).clamp_min(1e-24)  # (m,)
+        g.addcmul_(w, coef[:, None], value=-1.0)
 
     @property
     def device(self) -> torch.device:

@@ -343,10 +343,10 @@ def test_dashboard_attributions_from_the_sae_layer_equal_the_full_model_pass(arc
     7 rows) against the plain full-model pass, with SAEs at two layers and a left-padded batch."""
     from mamba_interp import HookedMamba, MambaConfig
     from mamba_interp.pipeline import memory_plan, sae_dashboards
-    from mamba_interp.pipeline.sae_support import TrainedSAE
+    from mamba_interp.pipeline.sae_support import TrainedSAE, layer_inputs
     from mamba_interp.sparse_autoencoder import SAEConfig, SparseAutoencoder
 
-    monkeypatch.setattr(memory_plan, "LOGIT_CHUNK", 7)
+    monkeypatch.setattr(memory_plan, "ATTRIBUTION_LOGIT_CHUNK", 7)
     torch.manual_seed(0)
     cfg = MambaConfig(arch=arch, d_model=16, n_layer=3, vocab_size=40, d_state=8, headdim=8)
     model = HookedMamba(cfg).double().eval()
@@ -363,7 +363,14 @@ def test_dashboard_attributions_from_the_sae_layer_equal_the_full_model_pass(arc
         sae = SparseAutoencoder(SAEConfig(d_in=width, d_sae=24, architecture="topk", k=4, seed=layer)).double()
         trained[f"L{layer}_{hook}"] = TrainedSAE(f"L{layer}_{hook}", hook, layer, sae, torch.zeros(24))
     fast = sae_dashboards.attributions(model, batch, trained, 2, 40)
-    ref = sae_dashboards.attributions_reference(model, batch, trained, 2, 40)
+    ref = sae_dashboards.attributions_reference(model, batch, trained, 4, 40)
+    # one sequence at a time (the graph budget below one sequence's graph), from a cached layer input
+    monkeypatch.setattr(memory_plan, "ATTRIBUTION_GRAPH_BYTES", 1)
+    assert memory_plan.attribution_batch(cfg, 2, 12, [24, 24], 4) == 1
+    start = layer_inputs(model, batch, 1, 3)
+    single = sae_dashboards.attributions(model, batch, trained, 4, 40, start=start)
     for key in trained:
         assert ref[key].abs().max() > 0
         assert torch.allclose(fast[key], ref[key], rtol=1e-6, atol=1e-9), key
+        assert torch.allclose(single[key], ref[key], rtol=1e-6, atol=1e-9), key
+    assert all(p.requires_grad for p in model.parameters())  # frozen only during the pass

@@ -95,3 +95,21 @@ def test_amnesic_test_fits_leace_and_a_permuted_control_of_the_same_rank(tiny):
     assert test.erased.clean_accuracy == test.control.clean_accuracy
     d = test.to_dict()
     assert set(d) >= {"erased", "control", "rank", "relative_change"} and "ci" in d["erased"]["p_correct_change"]
+
+
+def test_passes_from_the_erased_layer_equal_the_full_model_passes(tiny):
+    """``start``: the clean and erased runs begin at the erased layer from its cached input (what step 4 does)."""
+    from mamba_interp.pipeline.sae_support import layer_inputs
+
+    model, batch = tiny
+    positions = torch.zeros(batch.tokens.shape, dtype=torch.bool)
+    positions[:, 2:9] = True
+    start = (1, layer_inputs(model, batch, 1, 5))
+    for name, factor in (("blocks.1.mixer.hook_x", 0.0), ("blocks.1.hook_resid_pre", 0.5)):
+        full = amnesic_effect(model, batch, name, Scale(factor), positions=positions, batch_size=5)
+        cached = amnesic_effect(model, batch, name, Scale(factor), positions=positions, batch_size=5, start=start)
+        assert cached.erased_loss == pytest.approx(full.erased_loss, rel=1e-6) and full.loss_change != 0.0
+        assert cached.clean_loss == pytest.approx(full.clean_loss, rel=1e-6)
+        assert cached.erased_accuracy == full.erased_accuracy
+        np.testing.assert_allclose(cached.to_dict()["p_correct_change"]["value"],
+                                   full.to_dict()["p_correct_change"]["value"], rtol=1e-5)

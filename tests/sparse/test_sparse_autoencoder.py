@@ -329,3 +329,19 @@ def test_fast_training_loss_matches_the_dense_reference_in_values_and_gradients(
     assert set(g_fast) == set(g_ref) and {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(g_ref)
     for name in g_ref:
         assert torch.allclose(g_fast[name], g_ref[name], rtol=1e-9, atol=1e-11), name
+
+
+def test_decoder_gradient_projection_matches_the_unit_row_formula():
+    """remove_parallel_decoder_grad (no [m, d] temporaries) against g − (g·ŵ)ŵ with ŵ = w / |w| (Bricken et al.)."""
+    from mamba_interp.sparse_autoencoder import SAEConfig, SparseAutoencoder
+
+    sae = SparseAutoencoder(SAEConfig(d_in=12, d_sae=30, architecture="topk", k=4, seed=3)).double()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(30, 1, dtype=torch.float64) + 0.5)  # rows of different norms
+    g = torch.randn(30, 12, dtype=torch.float64)
+    sae.W_dec.grad = g.clone()
+    sae.remove_parallel_decoder_grad()
+    w_hat = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    expected = g - (g * w_hat).sum(1, keepdim=True) * w_hat
+    assert torch.allclose(sae.W_dec.grad, expected, rtol=1e-12, atol=1e-12)
+    assert (sae.W_dec.grad * w_hat).sum(1).abs().max() < 1e-12

@@ -25,11 +25,21 @@ import torch.nn.functional as F
 
 from mamba_interp.models.ops.selective_scan import linear_recurrence
 
-# Chunk length by device. On CPU a short chunk wins: at l = 1024, 8 heads x 64 ran fastest at 16-32 and 32
-# heads x 4 (the zoo's Mamba-2) at 8-16, while 64 was 1.5-2.5x slower. On GPUs longer chunks give each kernel
-# launch more work.
+# Chunk length by device and state size. On CPU a short chunk wins for small states: at l = 1024, 8 heads x 64
+# (d_state 16) ran fastest at 16-32 and 32 heads x 4 (the zoo's Mamba-2) at 8-16, while 64 was 1.5-2.5x slower.
+# Large states are the other way round, since every chunk writes and reads a [b, h, p, n] state: at mamba2-130m's
+# 24 heads x 64 x d_state 128, 16 x 256 tokens took 327 / 107 / 93 ms at chunk 16 / 32 / 64 (2 threads).
+# On GPUs longer chunks give each kernel launch more work.
 DEFAULT_CHUNK = 16
+LARGE_STATE_CHUNK = 64
+LARGE_STATE = 4096
+"""headdim · d_state from which the CPU chunk is ``LARGE_STATE_CHUNK`` (p·n = 2048 ran equally at 16 and 32)."""
 GPU_CHUNK = 64
+
+
+def cpu_chunk(headdim: int, d_state: int) -> int:
+    """The CPU chunk length of :func:`ssd_chunked` for heads of ``headdim`` × ``d_state`` states."""
+    return LARGE_STATE_CHUNK if headdim * d_state >= LARGE_STATE else DEFAULT_CHUNK
 
 
 def _heads(t: torch.Tensor, nheads: int) -> torch.Tensor:
@@ -71,12 +81,14 @@ def segsum_unstable(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~incl, -torch.inf)
 
 
-def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk: int = DEFAULT_CHUNK):
-    """Chunked SSD: matmul-shaped, linear in l, no per-token state materialised."""
+def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk: int | None = None):
+    """Chunked SSD: matmul-shaped, linear in l, no per-token state materialised. ``chunk``: the chunk length
+    (None: :func:`cpu_chunk` of the heads' state size)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, dt, A, B, C, D = (t.to(dtype) for t in (x, dt, A, B, C, D))
     b, l, nh, p = x.shape
     g, n = B.shape[2], B.shape[3]
+    chunk = chunk if chunk is not None else cpu_chunk(p, n)
     k = nh // g  # heads per group
     T = min(chunk, l)
     pad = (-l) % T

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from mamba_interp.pipeline import sae_dashboards
@@ -58,6 +59,7 @@ from mamba_interp.pipeline.sae_support import (
     MIN_ABLATION_EFFECT,
     SAE_HOOKS,
     HeldOutLatents,
+    LayerStarts,
     SAEActivations,
     SAETrainUnit,
     TrainedSAE,
@@ -66,9 +68,9 @@ from mamba_interp.pipeline.sae_support import (
     correlate_latents,
     fmt_pct,
     fmt_range,
-    layer_inputs,
     sae_activations,
     sae_key,
+    sequence_ce,
     target_loss,
     top_examples,
     train_unit,
@@ -230,7 +232,18 @@ def run(ctx: StepContext) -> StepResult:
     ev = data.eval_batch
     variables, base_of = expand_variables(task_variables(ev, data.eval.mask), data.eval.mask, opts.max_classes,
                                           opts.min_count)
-    clean = target_loss(ctx.model, ev, ctx.batch_size)
+    # the residual stream entering each SAE layer, cached once: every loss pass (and the dashboards' passes) starts
+    # there, since the blocks before are the clean model's
+    starts = LayerStarts(ctx.model, ev, ctx.batch_size)
+    finals: list[Tensor] = []  # the clean final-normed residual stream: the dashboards' clean logits come from it
+
+    def keep_final(t: Tensor, hook: Any) -> None:
+        finals.append(t.detach().cpu())
+
+    clean_ce = sequence_ce(ctx.model, ev, ctx.batch_size, [("hook_norm_final", keep_final)],
+                           start=starts(min(layers)))
+    clean, clean_final = clean_ce.mean, torch.cat(finals)  # (b, l, d)
+    del finals
 
     trained: dict[str, TrainedSAE] = {}
     per_sae: dict[str, dict[str, Any]] = {}
@@ -245,7 +258,6 @@ def run(ctx: StepContext) -> StepResult:
         units.append(SAETrainUnit(sae_key(hook, layer), hook, layer, data.train.only(hook, layer), cfg,
                                   shuffle_rows(opts, width)))
     saes = ctx.executor.map(train_unit, units, desc="training SAEs")  # independent units: local or on Ray
-    starts: dict[int, Tensor] = {}  # the residual stream entering each SAE layer, for the loss passes
     for idx, ((layer, hook), unit, sae) in enumerate(zip(work, units, ctx.progress(saes, desc="SAEs"))):
         key, cfg = unit.key, unit.cfg
         x_train = data.train.token_source(hook, layer)  # (N_train, k), streamed from the store
@@ -254,9 +266,7 @@ def run(ctx: StepContext) -> StepResult:
         m_eval = sae_metrics(sae, x_eval)
         m_train = sae_metrics(sae, x_train)
         name = hook_name(hook, layer)
-        if layer not in starts:
-            starts[layer] = layer_inputs(ctx.model, ev, layer, ctx.batch_size)
-        start = (layer, starts[layer])
+        start = starts(layer)
         losses = {kind: target_loss(ctx.model, ev, ctx.batch_size, [(name, fn)], start=start)
                   for kind, fn in ablation_hooks(x_train.mean().float()).items()}
         losses["spliced"] = target_loss(ctx.model, ev, ctx.batch_size, saes={name: sae}, start=start)
@@ -289,9 +299,11 @@ def run(ctx: StepContext) -> StepResult:
     ctx.save_json("correlations", {"variables": base_of, "by_sae": correlations})
     ctx.save_json("top_examples", top_examples(ctx, best, features_eval, data, opts.top_examples))
     if opts.dashboards:
+        features_eval.forget()  # the attribution pass's graph is the step's peak: no SAE's latents beside it
         started = time.process_time()
         cards = sae_dashboards.build_dashboards(ctx, trained, features_eval, data, correlations, variables,
-                                                opts.dashboards, opts.dashboard_sequences, opts.top_examples)
+                                                opts.dashboards, opts.dashboard_sequences, opts.top_examples,
+                                                starts=starts, clean=clean_ce, clean_final=clean_final)
         ctx.save_json(sae_dashboards.FILE, cards)
         ctx.log.info("feature dashboards: %d cards in %.1f s of CPU time", len(cards), time.process_time() - started)
     if ctx.config.figures:

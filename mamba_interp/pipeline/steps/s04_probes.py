@@ -156,6 +156,7 @@ def _prefixed(data: dict, prefix: str) -> dict:
 @register_step(4, "probes", requires=(1, 2), title="Sparse probes, control tasks, state probes and amnesic tests",
                options=Options, load=load, version=1)
 def run(ctx: StepContext) -> StepResult:
+    from mamba_interp.pipeline.memory_plan import collection_batch
     from mamba_interp.probing import prepare_variables, probe_model, probe_states
 
     opts: Options = ctx.options or Options()
@@ -210,8 +211,10 @@ def run(ctx: StepContext) -> StepResult:
     stored = [n for n in opts.state_variables if n in data] or [n for n in STATE_FALLBACK if n in data]
     state_vars = prepare_variables(batch, acts.mask, stored, max_tokens=opts.state_max_tokens,
                                    max_classes=opts.max_classes, min_count=opts.min_count, seed=seed)
+    # hook_ssm_state materialises [b, l, state] tensors: as many sequences per pass as step 2 runs with state_norm
+    state_batch = collection_batch(ctx.model.cfg, batch.tokens.shape[1], (STATE_NORM,), ctx.batch_size)
     states = probe_states(ctx.model, batch, ctx.layers, state_vars, top=opts.state_top, n_random=opts.state_random,
-                          seed=seed, batch_size=ctx.batch_size, mask=acts.mask,
+                          seed=seed, batch_size=state_batch, mask=acts.mask,
                           progress=lambda it: ctx.progress(it, desc="state probes"))
     amnesic = _amnesic(ctx, opts, ds, sets, report, kw) if opts.amnesic else {}
 
@@ -229,6 +232,7 @@ def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any,
     """The amnesic test of every variable's best probe: fitted on the probed tokens, evaluated on the first
     ``amnesic_sequences`` of step 1's held-out sequences (the prompt set itself for the other prompt sets, and for
     finite tasks, whose held-out sample repeats the test split)."""
+    from mamba_interp.pipeline.sae_support import layer_inputs
     from mamba_interp.probing import amnesic_test, prepare_variables, run_model
     from mamba_interp.probing.search import cell_features
 
@@ -238,18 +242,28 @@ def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any,
         own = heldout is not None and name == ds["primary"] and not getattr(ds.get("task"), "finite", False)
         ev = (heldout if own else b).select(slice(0, opts.amnesic_sequences))
         ev_vars = prepare_variables(ev, None, [n.split(":")[-1] for n in d], **kw)
-        clean = run_model(ctx.model, ev, ctx.batch_size)
-        for var_name, var in ctx.progress(list(d.items()), desc="amnesic tests"):
-            short = var_name.split(":")[-1]
-            if short not in ev_vars or not report.for_variable(var_name):
-                continue
-            best = report.best(var_name)
+        tests = [(v, var, report.best(v)) for v, var in d.items()
+                 if v.split(":")[-1] in ev_vars and report.for_variable(v)]
+        if not tests:
+            continue
+        # every pass starts at the erased layer from the cached residual stream entering it (the blocks before are
+        # the clean model's); one layer's cache at a time, the tests taken in layer order
+        tests.sort(key=lambda t: t[2].layer)
+        start = (tests[0][2].layer, layer_inputs(ctx.model, ev, tests[0][2].layer, ctx.batch_size))
+        clean = run_model(ctx.model, ev, ctx.batch_size, start=start)
+        done: dict[str, dict] = {}
+        for var_name, var, best in ctx.progress(tests, desc="amnesic tests"):
+            if best.layer != start[0]:
+                start = None  # free the previous layer's cache first
+                start = (best.layer, layer_inputs(ctx.model, ev, best.layer, ctx.batch_size))
             acts = a if a is not None else _collect(ctx, b, best.layer, best.hook)
             x = torch.from_numpy(cell_features(acts, best.hook, best.layer, var)).float()
-            test = amnesic_test(ctx.model, x, var.y, best.layer, best.hook, ev, ev_vars[short].positions,
-                                task=var.task, variable=var_name, batch_size=ctx.batch_size, seed=kw["seed"],
-                                n_resamples=opts.n_resamples, clean=clean)
-            out[var_name] = {**test.to_dict(), "eval": "heldout" if own else name, "eval_sequences": len(ev)}
+            positions = ev_vars[var_name.split(":")[-1]].positions
+            test = amnesic_test(ctx.model, x, var.y, best.layer, best.hook, ev, positions, task=var.task,
+                                variable=var_name, batch_size=ctx.batch_size, seed=kw["seed"],
+                                n_resamples=opts.n_resamples, clean=clean, start=start)
+            done[var_name] = {**test.to_dict(), "eval": "heldout" if own else name, "eval_sequences": len(ev)}
+        out.update((v, done[v]) for v in d if v in done)  # the variables' order, not the layers'
     return out
 
 

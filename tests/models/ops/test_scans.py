@@ -87,6 +87,16 @@ def test_mamba2_chunked_matches_reference(length, dt_scale, groups):
     _compare(lambda *a: ssd_chunked(*a, chunk=16), ssd_ref, inputs, tol_y=2e-6, tol_g=2e-5)
 
 
+@pytest.mark.parametrize("length", [7, 64, 130])
+def test_mamba2_chunked_large_states_take_the_long_cpu_chunk_and_match_reference(length):
+    """headdim · d_state >= LARGE_STATE: the default chunk is LARGE_STATE_CHUNK (faster there), same values."""
+    from mamba_interp.models.ops.ssd import LARGE_STATE, LARGE_STATE_CHUNK, cpu_chunk
+
+    assert cpu_chunk(64, 64) == LARGE_STATE_CHUNK and 64 * 64 >= LARGE_STATE and cpu_chunk(64, 16) == 16
+    inputs = _m2_inputs(1, length, 2, 64, 1, 64, 1.0, seed=length, h0=length % 2 == 1)
+    _compare(ssd_chunked, ssd_ref, inputs, tol_y=2e-6, tol_g=2e-5)
+
+
 def test_mamba2_chunked_long_sequence_against_float64():
     inputs = _m2_inputs(1, 2500, 2, 4, 1, 4, 1.0, seed=5)
     y_ref, h_ref = ssd_ref(*[t.double() if t is not None else None for t in inputs])
