@@ -243,7 +243,7 @@ def run(ctx: StepContext) -> StepResult:
     clean_ce = sequence_ce(ctx.model, ev, ctx.batch_size, [("hook_norm_final", keep_final)],
                            start=starts(min(layers)))
     clean, clean_final = clean_ce.mean, torch.cat(finals)  # (b, l, d)
-    del finals
+    finals.clear()
 
     trained: dict[str, TrainedSAE] = {}
     per_sae: dict[str, dict[str, Any]] = {}
