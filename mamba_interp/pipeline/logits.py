@@ -3,8 +3,8 @@
 A forward pass's logits are [b, l, v]: at 64 × 256 tokens and mamba-130m's 50280-token vocabulary that is 3.3 GB
 (and the log-softmax another 3.3 GB). Metrics read them only at scored positions, so :func:`score_positions` runs
 the blocks, applies the final norm (with its hook) to the residual stream [b, l, d], and unembeds only the selected
-positions, ``LOGIT_CHUNK`` at a time. :func:`layer_input` and ``start_layer`` let passes that differ only from one
-layer on (an SAE spliced into layer i, its ablations) reuse the residual stream entering that layer.
+positions, ``LOGIT_CHUNK`` at a time. :func:`layer_input` and ``HookedMamba.run_blocks`` let passes that differ
+only from one layer on (an SAE spliced into layer i, its ablations) reuse the residual stream entering that layer.
 """
 
 from __future__ import annotations
@@ -16,13 +16,6 @@ import torch
 from mamba_interp.pipeline.memory_plan import LOGIT_CHUNK
 
 
-def run_blocks(model: Any, resid: torch.Tensor, attention_mask: torch.Tensor | None, start_layer: int) -> torch.Tensor:
-    """Blocks ``start_layer ..`` applied to the residual stream entering ``start_layer`` [b, l, d] (hooks attached
-    with ``model.hooks(...)`` fire as in a full forward pass) -> the residual stream after the last block
-    (``HookedMamba.run_blocks``)."""
-    return model.run_blocks(resid, start_layer, attention_mask)
-
-
 def final_normed(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The final-normed residual stream [b, l, d] (``hook_norm_final``, what ``lm_head`` reads) of ``ids`` [b, l],
@@ -31,7 +24,7 @@ def final_normed(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | N
     if start is None:
         resid = model(ids.to(device), attention_mask=attention_mask, stop_at_layer=model.cfg.n_layer)
     else:
-        resid = run_blocks(model, start[1].to(device), attention_mask, start[0])
+        resid = model.run_blocks(start[1].to(device), start[0], attention_mask)
     return model.hook_norm_final(model.norm_f(resid))
 
 

@@ -157,7 +157,8 @@ memory-bound); Mamba-2's chunked SSD is matmul-based."""
 
 def forward_flops(cfg: Any, tokens: int, layers: int, head_positions: int = 0) -> float:
     """Multiply-adds ×2 of a forward pass of ``tokens`` through ``layers`` blocks, plus the unembedding at
-    ``head_positions``; the scan counts 10 operations per state element (it runs far below the matmul rate)."""
+    ``head_positions``; the scan counts ``SCAN_COST`` operations per state element (it runs far below the matmul
+    rate)."""
     d, e, n = cfg.d_model, cfg.d_inner, cfg.d_state
     if cfg.arch == "mamba1":
         r = cfg.dt_rank_value

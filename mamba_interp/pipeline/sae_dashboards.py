@@ -69,13 +69,14 @@ def attributions(model: Any, batch: Any, trained: dict[str, TrainedSAE], batch_s
     The pass starts at the first SAE's layer from the residual stream entering it (computed without autograd), and
     the log-odds are taken on the target positions ``memory_plan.ATTRIBUTION_LOGIT_CHUNK`` rows at a time under
     activation checkpointing, so the autograd graph holds only the blocks after that layer and one chunk of
-    full-vocabulary logits (:func:`attributions_reference` is the plain full-model pass; the two agree). ``start``: that residual stream
-    [b, l, d] of the whole batch, when the caller has it (``LayerStarts``). The graph is bounded by running
+    full-vocabulary logits (:func:`attributions_reference` is the plain full-model pass; the two agree).
+    ``start``: that residual stream [b, l, d] of the whole batch, when the caller has it (``LayerStarts``). The
+    graph is bounded by running
     ``attribution_batch`` sequences at a time (``memory_plan.ATTRIBUTION_GRAPH_BYTES``); a sum over sequences, so
     the result does not depend on it."""
     import torch.utils.checkpoint
 
-    from mamba_interp.pipeline.logits import layer_input, run_blocks
+    from mamba_interp.pipeline.logits import layer_input
     from mamba_interp.pipeline.memory_plan import ATTRIBUTION_LOGIT_CHUNK, attribution_batch
     from mamba_interp.tasks.base import IGNORE
 
@@ -99,7 +100,7 @@ def attributions(model: Any, batch: Any, trained: dict[str, TrainedSAE], batch_s
         scored = targets != IGNORE
 
         def forward(resid: Tensor = resid, mask: Tensor | None = mask, scored: Tensor = scored) -> Tensor:
-            normed = model.hook_norm_final(model.norm_f(run_blocks(model, resid, mask, first)))
+            normed = model.hook_norm_final(model.norm_f(model.run_blocks(resid, first, mask)))
             return normed[scored]  # [P, d]
 
         def metric(rows: Tensor, tgt: Tensor = targets[scored]) -> Tensor:

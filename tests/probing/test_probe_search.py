@@ -98,3 +98,21 @@ def test_probe_states_scores_every_unit_and_a_top_set(m1):
     assert sp.unit == "channel" and len(sp.importance) == 32 and len(sp.top) == 3
     assert sp.importance[sp.top[0]] == max(sp.importance) and len(sp.random_scores) == 2
     assert sp.top_score.ci_low <= sp.top_score.value <= sp.top_score.ci_high
+
+
+def test_unit_scores_on_a_row_subset_equal_the_scores_on_the_copied_rows():
+    """``rows=`` reads each unit's columns of those rows only (step 4's Mamba-2 states), same scores as a copy."""
+    import numpy as np
+
+    from mamba_interp.probing.search import unit_scores
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((90, 12)).astype(np.float32)
+    rows = np.sort(rng.choice(90, 60, replace=False))
+    y = X[rows, 4] * 2.0 + 0.1 * rng.standard_normal(60)  # planted: unit 1 (columns 4-7) carries y
+    groups = np.arange(60) // 3
+    units = [np.arange(u * 4, (u + 1) * 4) for u in range(3)]
+    subset = unit_scores(X, y, units, groups, seed=1, rows=rows)
+    copied = unit_scores(X[rows], y, units, groups, seed=1)
+    np.testing.assert_array_equal(subset, copied)
+    assert int(np.argmax(subset)) == 1 and subset[1] > 0.9

@@ -299,7 +299,7 @@ def run(ctx: StepContext) -> StepResult:
     ctx.save_json("correlations", {"variables": base_of, "by_sae": correlations})
     ctx.save_json("top_examples", top_examples(ctx, best, features_eval, data, opts.top_examples))
     if opts.dashboards:
-        features_eval.forget()  # the attribution pass's graph is the step's peak: no SAE's latents beside it
+        features_eval.forget()  # no SAE's held-out latents beside the attribution pass's graph
         started = time.process_time()
         cards = sae_dashboards.build_dashboards(ctx, trained, features_eval, data, correlations, variables,
                                                 opts.dashboards, opts.dashboard_sequences, opts.top_examples,
