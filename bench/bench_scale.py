@@ -10,6 +10,9 @@ are inflated by the other load; user CPU time is what the run costs whatever the
 set size" is not the process's peak here: the runner resets the kernel's high-water mark at every step
 (``/proc/self/clear_refs``), and the rusage figure is that mark at exit, i.e. the last step's peak.
 
+Before and after the runs it prints two fixed workloads' rates (``machine_speed``: matrix multiply, elementwise),
+so wall times measured on different machines can be compared.
+
 ``--calibrate`` instead measures the peak memory of single no-grad forward passes (with and without a hook on the
 SSM state) at a few sizes, the data behind ``memory_plan.FORWARD_PER_TOKEN`` and friends; ``--store-bench``
 measures the activation store's write and chunked-read throughput against one in-memory safetensors file;
@@ -115,6 +118,30 @@ def print_table(results: list[dict]) -> None:
         print(f"| {r['arch']}-130m config | {r.get('wall_s', 0):.0f} s | {r.get('user_s', 0):.0f} s | {peak:.0f} MB | "
               f"{r.get('max_rss_mb', 0):.0f} MB | {r['load_before']:.1f} / {r['load_after']:.1f} | "
               f"{r['returncode']} |")
+
+
+def machine_speed(threads: int) -> dict[str, float]:
+    """Two fixed workloads that tell machines apart, so wall times from different machines can be compared: the
+    matrix-multiply rate (2048³ float32 products) and the elementwise rate (exp, multiply, add over 25M floats,
+    GB/s of tensors read and written), both on ``threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    gflops = 10 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+    x = torch.randn(16384, 1536)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y = torch.exp(x)
+        y = x * y + 1
+    # exp: read x, write y; x * y: read both, write; + 1: read, write -> 6 tensor-sized transfers per round
+    gbs = 10 * 6 * x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    return {"matmul_gflops": round(gflops, 1), "elementwise_gb_s": round(gbs, 2)}
 
 
 def calibrate() -> None:
@@ -257,10 +284,15 @@ def main() -> None:
     if args.store_bench:
         store_bench(Path(args.work))
         return
+    speed = machine_speed(args.threads)
     results = [run_pipeline(arch, args) for arch in args.archs]
+    speed_after = machine_speed(args.threads)
     print_table(results)
+    print(f"\nmachine speed on {args.threads} threads, before / after the runs: matmul "
+          f"{speed['matmul_gflops']} / {speed_after['matmul_gflops']} GFLOP/s, elementwise "
+          f"{speed['elementwise_gb_s']} / {speed_after['elementwise_gb_s']} GB/s")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"machine_speed": [speed, speed_after], "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -42,13 +42,14 @@ def layer_input(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | No
 @torch.no_grad()
 def score_positions(model: Any, ids: torch.Tensor, targets: torch.Tensor, select: torch.Tensor,
                     attention_mask: torch.Tensor | None = None, fwd_hooks: list | None = None,
-                    start: tuple[int, torch.Tensor] | None = None, chunk: int = LOGIT_CHUNK
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    start: tuple[int, torch.Tensor] | None = None, chunk: int = LOGIT_CHUNK,
+                    predict: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of ``targets`` [b, l] and the argmax token at the positions ``select`` [b, l] (bool).
 
     Returns (log_prob [P], prediction [P]) in the row-major order of ``select.nonzero()``; targets < 0 (ignored
     positions) score the log-probability of token 0. ``start=(layer, resid)`` begins at block ``layer`` from a
     cached residual stream [b, l, d] (``layer_input``); then ``fwd_hooks`` must be at that layer or later.
+    ``predict=False``: no argmax (prediction None), one pass less over each chunk's logits, for losses alone.
     """
     device = next(model.parameters()).device
     with model.hooks(fwd_hooks=fwd_hooks or []):
@@ -56,10 +57,11 @@ def score_positions(model: Any, ids: torch.Tensor, targets: torch.Tensor, select
     rows = normed[select.to(device)]  # (P, d)
     tgt = targets.to(device)[select.to(device)].clamp(min=0)
     log_prob = torch.empty(rows.shape[0], dtype=torch.float32, device=device)
-    pred = torch.empty(rows.shape[0], dtype=torch.long, device=device)
+    pred = torch.empty(rows.shape[0], dtype=torch.long, device=device) if predict else None
     for s in range(0, rows.shape[0], chunk):
         logits = unembed(model, rows[s:s + chunk])  # (c, v)
+        if pred is not None:
+            pred[s:s + chunk] = logits.argmax(-1)
         lp = torch.log_softmax(logits, -1)
         log_prob[s:s + chunk] = lp.gather(-1, tgt[s:s + chunk, None])[:, 0]
-        pred[s:s + chunk] = logits.argmax(-1)
     return log_prob, pred

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mamba_interp.pipeline.resources import MiB, available_memory, current_rss, disk_free, matmul_rate
+from mamba_interp.sparse_autoencoder.model import EVAL_BATCH
 
 GiB = 2**30
 AUTO_MEMORY_LIMIT = 2 * GiB
@@ -241,9 +242,14 @@ def register_estimator(number: int) -> Callable[[Estimator], Estimator]:
 
 
 def _estimate(p: PlanInputs, number: int, name: str, parts: dict[str, int], disk: int = 0,
-              cpu: float | None = None, fix: str = "") -> StepEstimate:
+              cpu: float | None = None, fix: str = "", phases: Sequence[Sequence[str]] = ()) -> StepEstimate:
+    """The peak is the baseline plus every part, except that the parts named in ``phases`` are alive only during
+    their phase (the phases run one after another): of those, only the largest phase's sum counts."""
     parts = {k: int(v) for k, v in parts.items() if v}
-    return StepEstimate(number, name, p.baseline + sum(parts.values()), disk, cpu, parts, fix)
+    phased = {k for phase in phases for k in phase}
+    peak = sum(v for k, v in parts.items() if k not in phased)
+    peak += max((sum(parts.get(k, 0) for k in phase) for phase in phases), default=0)
+    return StepEstimate(number, name, p.baseline + peak, disk, cpu, parts, fix)
 
 
 def generic(p: PlanInputs, number: int, name: str) -> StepEstimate:
@@ -320,13 +326,19 @@ def _sae(p: PlanInputs) -> StepEstimate:
                                  if p.heldout and p.store == "memory" else 0),
         "training rows (shuffle buffer)": 2 * buffer_rows * widest * 4,
         "held-out rows": 2 * tok_eval * widest * 4,
-        # one SAE's latents at a time (HeldOutLatents), plus the two copies correlating them makes
-        "latents of the held-out tokens (one SAE)": 3 * tok_eval * m * 4,
+        # one SAE's latents at a time (HeldOutLatents), and their [N_eval, m] live-latent mask (bool)
+        "latents of the held-out tokens (one SAE)": tok_eval * m * 5,
+        # sae_metrics / encode_activations: pre-activations, the top-k output, x̂ and its float64 sums per batch
+        "evaluation batch": 5 * min(EVAL_BATCH, tok_eval) * m * 4,
         "SAE, Adam, batch": 4 * 4 * (2 * widest * m) + 12 * opts.batch_size * m * 4,
         "loss passes": forward_bytes(p.cfg, b, p.seq_len) + logits_bytes(p.cfg, b * p.seq_len),
         # the residual stream entering each SAE layer, and the clean final-normed one
         "layer inputs (cached)": (len(layers) + 1) * n_eval * p.seq_len * p.cfg.d_model * 4,
     }
+    # one after another per SAE: training, evaluation (metrics, latents, correlations), the loss passes; then the
+    # dashboards, which re-encode one SAE's latents beside their passes
+    phases = [("training rows (shuffle buffer)", "SAE, Adam, batch"),
+              ("evaluation batch", "latents of the held-out tokens (one SAE)"), ("loss passes",)]
     last, first = p.cfg.n_layer, min(layers)
     n_sub = min(opts.dashboard_sequences, n_eval)
     if opts.dashboards:
@@ -335,6 +347,8 @@ def _sae(p: PlanInputs) -> StepEstimate:
         parts["attribution pass"] = (attribution_graph_bytes(p.cfg, last - first, p.seq_len, micro, latents)
                                      + ATTRIBUTION_LOGIT_COPIES * ATTRIBUTION_LOGIT_CHUNK * p.cfg.padded_vocab_size
                                      * 4)
+        phases += [("latents of the held-out tokens (one SAE)", "attribution pass"),
+                   ("latents of the held-out tokens (one SAE)", "loss passes")]
     train_flops = sum(math.ceil(opts.epochs * tok_train / opts.batch_size) * opts.batch_size * 2 * w
                       * opts.expansion * w * 8 for w in widths) * len(layers)
     # every pass starts at its SAE's layer from the cached inputs: the clean one, then zero / mean / spliced per SAE
@@ -348,7 +362,8 @@ def _sae(p: PlanInputs) -> StepEstimate:
     collect = forward_flops(p.cfg, tok_eval, max(layers) + 1) if p.heldout else 0.0
     disk = (activation_bytes(p.cfg, opts.hooks, layers, n_eval, p.seq_len) if p.heldout and p.store == "disk"
             else 0) + sum(2 * w * opts.expansion * w * 4 for w in widths) * len(layers)
-    return _estimate(p, 3, "sae", parts, disk, p.seconds(train_flops + passes + collect), fix="--samples")
+    return _estimate(p, 3, "sae", parts, disk, p.seconds(train_flops + passes + collect), fix="--samples",
+                     phases=phases)
 
 
 AMNESIC_VARIABLES = 4
@@ -475,6 +490,7 @@ FIXES = {
     "training rows (shuffle buffer)": "lower --option sae.shuffle_buffer_mb",
     "held-out rows": "lower --samples",
     "SAE, Adam, batch": "lower --option sae.expansion or sae.batch_size",
+    "evaluation batch": "lower the SAE hooks / expansion (--option sae.hooks=resid_post, --option sae.expansion=2)",
 }
 """The option that shrinks each item of a step's working set (named when a step does not fit)."""
 

@@ -118,7 +118,7 @@ def _ce_sums(model: Any, batch: Any, batch_size: int, start: tuple[int, Tensor] 
         part = None if start is None else (start[0], start[1][s:s + batch_size])
         with saes_spliced(model, splice["saes"], splice["use_error_term"], splice["latent_edits"],
                           splice["fwd_hooks"]):
-            lp, _ = score_positions(model, ids, targets, scored, attention_mask=mask, start=part)
+            lp, _ = score_positions(model, ids, targets, scored, attention_mask=mask, start=part, predict=False)
         ce = torch.zeros(scored.shape, dtype=torch.float64).masked_scatter_(scored, -lp.double().cpu())
         sums.append(ce.sum(1))
         counts.append(scored.sum(1))
@@ -300,7 +300,7 @@ def correlate_latents(f: Tensor, variables: dict[str, Tensor], n_shuffles: int, 
     alive = (f != 0).any(0).nonzero().flatten()
     if alive.numel() == 0:
         return []
-    corr = feature_variable_correlation(f[:, alive], variables, n_shuffles=n_shuffles, seed=seed % 2**31)
+    corr = feature_variable_correlation(f, variables, n_shuffles=n_shuffles, seed=seed % 2**31, latents=alive)
     out = []
     for rec in corr.matches():
         rec["latent"] = int(alive[rec["latent"]])

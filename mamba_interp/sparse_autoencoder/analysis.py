@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mamba_interp.sparse_autoencoder.model import SparseAutoencoder
+from mamba_interp.sparse_autoencoder.model import EVAL_BATCH, SparseAutoencoder
 
 
 @torch.no_grad()
-def encode_activations(sae: SparseAutoencoder, x: Tensor, batch_size: int = 8192) -> Tensor:
+def encode_activations(sae: SparseAutoencoder, x: Tensor, batch_size: int = EVAL_BATCH) -> Tensor:
     """Latents f [..., m] of raw activations x [..., d], encoded in batches of tokens (float32, on CPU)."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape[0], sae.cfg.d_sae)
@@ -61,14 +61,19 @@ class FeatureCorrelation:
         ]
 
 
-def _pearson_columns(f: Tensor, v: Tensor, chunk: int = 512) -> Tensor:
-    """r between each column of f [t, m] and each column of v [t, u] (float64, latents in chunks); [u, m]."""
+def _pearson_columns(f: Tensor, v: Tensor, columns: Tensor, rows: Tensor | None = None, chunk: int = 512) -> Tensor:
+    """r between each column ``columns`` [c] of f [t, m] (restricted to the tokens ``rows``, a [t] mask; None: all)
+    and each column of v [rows, u]; [u, c], float64.
+
+    The latents are gathered a chunk of columns at a time, so no [rows, c] copy of f is ever made (at 130M scale f
+    is ~400 MB)."""
     v = v.double()
     v = v - v.mean(0)
     v_norm = v.norm(dim=0)  # [u]
-    out = torch.zeros(v.shape[1], f.shape[1], dtype=torch.float64)
-    for start in range(0, f.shape[1], chunk):
-        block = f[:, start : start + chunk].double()
+    out = torch.zeros(v.shape[1], columns.numel(), dtype=torch.float64)
+    for start in range(0, columns.numel(), chunk):
+        block = f.index_select(1, columns[start : start + chunk])
+        block = (block if rows is None else block[rows]).double()
         block = block - block.mean(0)
         denom = v_norm[:, None] * block.norm(dim=0)[None, :]  # [u, c]
         num = v.T @ block
@@ -77,17 +82,21 @@ def _pearson_columns(f: Tensor, v: Tensor, chunk: int = 512) -> Tensor:
 
 
 def feature_variable_correlation(
-    features: Tensor, variables: Mapping[str, Tensor], n_shuffles: int = 5, seed: int = 0
+    features: Tensor, variables: Mapping[str, Tensor], n_shuffles: int = 5, seed: int = 0,
+    latents: Tensor | None = None,
 ) -> FeatureCorrelation:
     """Correlate each latent of ``features`` [..., m] with each variable [...] (same leading shape).
 
     Tokens where a variable is NaN are left out for that variable (a variable defined only at some positions).
-    Categorical variables: pass one indicator per class (``one_hot_variables``).
+    Categorical variables: pass one indicator per class (``one_hot_variables``). ``latents`` [c]: correlate only
+    these latents (e.g. the live ones); the result is then over them, as if ``features[..., latents]`` were passed,
+    without that copy.
     """
     if not variables:
         raise ValueError("variables is empty; pass a dict name -> tensor of the features' leading shape")
     m = features.shape[-1]
     f = features.reshape(-1, m)
+    columns = torch.arange(m) if latents is None else torch.as_tensor(latents, dtype=torch.long).reshape(-1)
     gen = torch.Generator().manual_seed(seed)
     names, values, shuffles, masks = [], [], [], []
     for name, var in variables.items():
@@ -110,9 +119,8 @@ def feature_variable_correlation(
     null_mean, null_max = [0.0] * len(names), [0.0] * len(names)
     for members in groups.values():
         valid = masks[members[0]]
-        fv = f if bool(valid.all()) else f[valid]
         cols = [values[j] for j in members] + [s for j in members for s in shuffles[j]]
-        r = _pearson_columns(fv, torch.stack(cols, 1))  # [u + u·n_shuffles, m]
+        r = _pearson_columns(f, torch.stack(cols, 1), columns, None if bool(valid.all()) else valid)  # [u + u·n, c]
         u = len(members)
         null = r[u:].abs().max(dim=1).values.view(u, n_shuffles) if n_shuffles else torch.zeros(u, 1)
         for row, j in enumerate(members):

@@ -20,7 +20,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from mamba_interp.sparse_autoencoder.model import SparseAutoencoder
+from mamba_interp.sparse_autoencoder.model import EVAL_BATCH, SparseAutoencoder
 from mamba_interp.sparse_autoencoder.training import ActivationChunks
 
 
@@ -134,7 +134,7 @@ class SAEMetrics:
 
 
 @torch.no_grad()
-def sae_metrics(sae: SparseAutoencoder, x: Tensor | ActivationChunks, batch_size: int = 8192,
+def sae_metrics(sae: SparseAutoencoder, x: Tensor | ActivationChunks, batch_size: int = EVAL_BATCH,
                 dense_threshold: float = 0.1) -> SAEMetrics:
     """L0, FVU, dead/dense fractions and shrinkage of ``sae`` on the rows of x [t, d] (a tensor, or chunks read one
     at a time; streamed, float64)."""
@@ -155,8 +155,10 @@ def sae_metrics(sae: SparseAutoencoder, x: Tensor | ActivationChunks, batch_size
         x_hat = sae.decode(f)
         acc.update(xb, x_hat)
         active = f != 0
+        del f  # the [batch, m] latents are the largest buffers here: gone before the float64 sums
         fires += active.sum(0).double().cpu()
         l0_sum += active.sum().item()
+        del active
         xd, xhd = xb.double(), x_hat.double()
         xhat2 += xhd.pow(2).sum().item()
         x_dot_xhat += (xd * xhd).sum().item()

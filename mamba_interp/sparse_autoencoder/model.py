@@ -58,17 +58,30 @@ class StepFn(torch.autograd.Function):
         return torch.zeros_like(h), grad_theta, None
 
 
+EVAL_BATCH = 2048
+"""Tokens per batch when evaluating or encoding without gradients (``sae_metrics``, ``encode_activations``): the
+[batch, d_sae] latents and their top-k buffers are the transient peak (at d_sae 6144, ~50 MB per copy)."""
+
+
 def topk_per_token(acts: Tensor, k: int) -> Tensor:
     """Keep the k largest entries of each row of non-negative ``acts`` [t, m]; zero the rest."""
     values, idx = acts.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(acts).scatter(-1, idx, values)
+    return torch.zeros_like(acts).scatter_(-1, idx, values)
+
+
+def relu_topk_per_token(h: Tensor, k: int) -> Tensor:
+    """``topk_per_token(relu(h), k)`` for pre-activations h [t, m], equal in values and gradients, without the
+    [t, m] copy relu(h): the k largest of h are the k largest of relu(h) (ties at 0 aside, which are 0 either way),
+    so the ReLU is applied to the k kept values only."""
+    values, idx = h.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(h).scatter_(-1, idx, torch.relu(values))
 
 
 def topk_per_batch(acts: Tensor, k: int) -> Tensor:
     """BatchTopK: keep the k·t largest entries of non-negative ``acts`` [t, m] over the whole batch."""
     flat = acts.reshape(-1)
     values, idx = flat.topk(min(k * acts.shape[0], flat.numel()), sorted=False)
-    return torch.zeros_like(flat).scatter(0, idx, values).view_as(acts)
+    return torch.zeros_like(flat).scatter_(0, idx, values).view_as(acts)
 
 
 class SparseAutoencoder(nn.Module):
@@ -115,7 +128,7 @@ class SparseAutoencoder(nn.Module):
         if arch == "relu":
             return torch.relu(h)
         if arch == "topk":
-            return topk_per_token(torch.relu(h).reshape(-1, h.shape[-1]), self.cfg.k).view_as(h)
+            return relu_topk_per_token(h.reshape(-1, h.shape[-1]), self.cfg.k).view_as(h)
         threshold = self.threshold
         assert threshold is not None
         return torch.relu(h) * (h > threshold)

@@ -159,6 +159,24 @@ def test_feature_variable_correlation_finds_planted_feature(planted, planted_sae
     assert matches["noise"]["abs_r"] < 3 * matches["noise"]["shuffled_best_abs_r_max"] + 0.02
 
 
+def test_correlating_a_subset_of_latents_equals_correlating_their_copy(planted_sae, planted_eval):
+    """``latents=`` (the live latents, gathered a chunk at a time) gives what the copy ``f[..., latents]`` gives,
+    for a variable defined on all tokens and one with undefined (NaN) positions."""
+    sae = planted_sae("topk")
+    f = encode_activations(sae, planted_eval.activations[:4000])  # [t, m]
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(4000, generator=gen, dtype=torch.float64) + f[:, 7].double()
+    partial = v.clone()
+    partial[::3] = float("nan")
+    variables = {"v": v, "partial": partial}
+    latents = torch.randperm(f.shape[1], generator=gen)[:37]
+    subset = feature_variable_correlation(f, variables, n_shuffles=2, seed=3, latents=latents)
+    copied = feature_variable_correlation(f[:, latents], variables, n_shuffles=2, seed=3)
+    for name in ("r", "best_latent", "best_r", "shuffled_best_abs_r", "shuffled_best_abs_r_max", "n_tokens"):
+        assert torch.allclose(getattr(subset, name).double(), getattr(copied, name).double(), rtol=0, atol=1e-12), name
+    assert subset.r.shape == (2, 37)
+
+
 def test_one_hot_variables():
     labels = torch.tensor([0.0, 2.0, float("nan"), 2.0])
     out = one_hot_variables("y", labels)

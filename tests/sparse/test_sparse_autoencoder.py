@@ -22,7 +22,7 @@ from mamba_interp.sparse_autoencoder import (
     sae_metrics,
     train_sae,
 )
-from mamba_interp.sparse_autoencoder.model import JumpReLUFn, StepFn, topk_per_batch
+from mamba_interp.sparse_autoencoder.model import JumpReLUFn, StepFn, relu_topk_per_token, topk_per_batch, topk_per_token
 from mamba_interp.sparse_autoencoder.training import coefficient_multiplier, lr_multiplier
 from tests.sparse.helpers import WIDTH, D
 
@@ -345,3 +345,20 @@ def test_decoder_gradient_projection_matches_the_unit_row_formula():
     expected = g - (g * w_hat).sum(1, keepdim=True) * w_hat
     assert torch.allclose(sae.W_dec.grad, expected, rtol=1e-12, atol=1e-12)
     assert (sae.W_dec.grad * w_hat).sum(1).abs().max() < 1e-12
+
+
+def test_relu_topk_equals_topk_of_relu_in_values_and_gradients():
+    """The inference TopK takes the top k of the pre-activations and ReLUs only those; the reference ReLUs all of
+    them first. Rows with fewer than k positive entries (where the two pick different zeros) included."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 40, generator=gen, dtype=torch.float64)
+    h[:8] = -h[:8].abs()  # no positive entry
+    h[8:16, 3:] = -h[8:16, 3:].abs()  # three positive entries, fewer than k
+    weights = torch.randn(64, 40, generator=gen, dtype=torch.float64)
+    h_fast, h_ref = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    fast, ref = relu_topk_per_token(h_fast, 5), topk_per_token(torch.relu(h_ref), 5)
+    assert torch.equal(fast, ref)
+    assert int((ref != 0).sum(1).max()) == 5 and int((ref[:8] != 0).sum()) == 0
+    (fast * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.equal(h_fast.grad, h_ref.grad)

@@ -260,6 +260,7 @@ def run(ctx: StepContext) -> StepResult:
     saes = ctx.executor.map(train_unit, units, desc="training SAEs")  # independent units: local or on Ray
     for idx, ((layer, hook), unit, sae) in enumerate(zip(work, units, ctx.progress(saes, desc="SAEs"))):
         key, cfg = unit.key, unit.cfg
+        features_eval.forget()  # the previous SAE's latents are not alive beside this one's evaluation
         x_train = data.train.token_source(hook, layer)  # (N_train, k), streamed from the store
         x_eval = data.eval.tokens(hook, layer)  # (N_eval, k)
         histories[key] = sae.training_history
@@ -271,7 +272,6 @@ def run(ctx: StepContext) -> StepResult:
                   for kind, fn in ablation_hooks(x_train.mean().float()).items()}
         losses["spliced"] = target_loss(ctx.model, ev, ctx.batch_size, saes={name: sae}, start=start)
         lr_ = loss_recovered(clean, losses["spliced"], losses["zero"], losses["mean"])
-        features_eval.forget()
         f = encode_activations(sae, x_eval)  # (N_eval, m)
         features_eval.add(key, lambda sae=sae, hook=hook, layer=layer: encode_activations(
             sae, data.eval.tokens(hook, layer)), f)
