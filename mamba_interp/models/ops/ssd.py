@@ -109,7 +109,10 @@ def ssd_chunked(x, dt, A, B, C, D, h0=None, chunk: int | None = None):
     # 2. each chunk's own final state: decay from step s to the chunk's end = exp(Σ_{t>s} a_t)
     rev = torch.flip(torch.cumsum(torch.flip(a, [2]), 2), [2])  # Σ_{t≥s} a_t
     to_end = torch.exp(torch.cat([rev[:, :, 1:], torch.zeros_like(rev[:, :, :1])], dim=2))  # (b, c, s, g, k)
-    chunk_states = torch.einsum("bcsgn,bcsgk,bcsgkp->bcgkpn", Bc, to_end * dtc, xc)  # (b, c, g, k, p, n)
+    # weight x first: one batched [k·p, s] x [s, n] product per (b, c, g); a three-operand einsum here contracted
+    # B with the weights into a [b, c, s, g, k, n] intermediate and ran 2.5x slower (mamba2-130m's shapes, CPU)
+    xw = xc * (to_end * dtc)[..., None]  # (b, c, s, g, k, p)
+    chunk_states = torch.einsum("bcsgn,bcsgkp->bcgkpn", Bc, xw)  # (b, c, g, k, p, n)
 
     # 3. inter-chunk recurrence, a loop over chunks: start_{c+1} = exp(Σ_chunk a) start_c + chunk_state_c
     chunk_decay = torch.exp(a.sum(dim=2))  # (b, c, g, k)
