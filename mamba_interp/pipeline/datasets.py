@@ -46,6 +46,22 @@ class Datasets:
                 "heldout": self.heldout, "batch": self.batch, "datasets": self, "notes": self.notes}
 
 
+MIN_BUDGET_SEQUENCES = 16
+"""A token budget (``budget_sequences``) never leaves fewer sequences than this: the CIs are bootstrapped over
+sequences."""
+
+
+def budget_sequences(max_sequences: int, max_tokens: int | None, seq_len: int, available: int) -> int:
+    """How many of ``available`` sequences of ``seq_len`` tokens a pass takes that reads at most ``max_sequences``
+    sequences and at most ``max_tokens`` tokens (None: no token cap), the token cap never going below
+    ``MIN_BUDGET_SEQUENCES`` sequences. Short task sequences are capped by the count, long corpus windows by the
+    tokens (at 256 tokens, 4096 tokens are 16 sequences), so a pass costs about the same whatever the length."""
+    n = max_sequences
+    if max_tokens is not None:
+        n = min(n, max(MIN_BUDGET_SEQUENCES, max_tokens // max(seq_len, 1)))
+    return max(1, min(n, available))
+
+
 def repeated_tokens(vocab_size: int, n: int, seq_len: int, seed: int, low: int = 1) -> TaskBatch:
     """Random tokens ``r`` then ``r`` again (the repeated-sequence induction test of Olsson et al. 2022), for
     models without a tokenizer. Same targets and metadata as the ``text_induction`` task: in the second copy

@@ -308,6 +308,7 @@ def _activations(p: PlanInputs) -> StepEstimate:
 
 @register_estimator(3)
 def _sae(p: PlanInputs) -> StepEstimate:
+    from mamba_interp.pipeline.datasets import budget_sequences
     from mamba_interp.pipeline.steps.s03_sae import Options
 
     opts = p.options.get(3) or Options()
@@ -340,7 +341,7 @@ def _sae(p: PlanInputs) -> StepEstimate:
     phases = [("training rows (shuffle buffer)", "SAE, Adam, batch"),
               ("evaluation batch", "latents of the held-out tokens (one SAE)"), ("loss passes",)]
     last, first = p.cfg.n_layer, min(layers)
-    n_sub = min(opts.dashboard_sequences, n_eval)
+    n_sub = budget_sequences(opts.dashboard_sequences, opts.dashboard_tokens, p.seq_len, n_eval)
     if opts.dashboards:
         latents = [opts.expansion * w for w in widths] * len(layers)
         micro = attribution_batch(p.cfg, last - first, p.seq_len, latents, min(p.config.batch_size, n_sub))
@@ -373,13 +374,15 @@ step 1's data exist): a language model's token, previous token and position, plu
 
 @register_estimator(4)
 def _probes(p: PlanInputs) -> StepEstimate:
+    from mamba_interp.pipeline.datasets import budget_sequences
     from mamba_interp.pipeline.steps.s04_probes import Options
 
     opts = p.options.get(4) or Options()
     hooks = [h for h in (opts.hooks or p.hooks) if h != "state_norm"]
     b = min(p.config.batch_size, p.sequences)
     widest = max((hook_width(p.cfg, h) for h in hooks), default=p.cfg.d_model)
-    n_amnesic = min(opts.amnesic_sequences, p.sequences) if opts.amnesic else 0
+    n_amnesic = (budget_sequences(opts.amnesic_sequences, opts.amnesic_tokens, p.seq_len, p.sequences)
+                 if opts.amnesic else 0)
     first = min(p.layers)
     parts = {
         "step 2 activations held": p.held_activations,

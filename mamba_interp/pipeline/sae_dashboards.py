@@ -7,7 +7,8 @@ Per SAE at most ``n`` latents (``Options.dashboards``), in this order:
 3. the most ablation-relevant latents: attribution patching (``latent_attribution``; Syed et al. 2023, on SAE
    latents Marks et al. 2024) estimates for every latent how zero-ablating it everywhere changes the log-odds of
    the correct token at the target positions, with every SAE spliced in with its error term, in one forward and
-   backward pass over the first ``Options.dashboard_sequences`` held-out sequences. The log-odds
+   backward pass over the first held-out sequences (``Options.dashboard_sequences`` of them, at most
+   ``Options.dashboard_tokens`` tokens: ``pipeline.datasets.budget_sequences``). The log-odds
    z_target − logsumexp(z_other) is used rather than the cross-entropy because a well-trained model's loss is
    saturated (p ≈ 1, gradient ≈ 0) and its gradient ranks nothing (Heimersheim & Nanda 2024, "How to use and
    interpret activation patching", prefer logit differences for the same reason). The top latent of each SAE is

@@ -94,13 +94,19 @@ def test_step4_loader_rebuilds_the_data(trained_model, probes_out):
     assert data["amnesic"]["answer"]["rank"] == m["amnesic"]["answer"]["rank"]
 
 
-def test_steps_4_and_16_run_on_mamba2_and_draw_every_figure(m2_model_dir, tmp_path):
-    opts = {**FAST_PROBES, "hooks": ["x"], "variables": ["token", "stored_value"], "amnesic_sequences": 8}
+def test_steps_4_and_16_run_on_mamba2_and_draw_every_figure(m2_model_dir, tmp_path, monkeypatch):
+    from mamba_interp.pipeline import datasets
+
+    # the amnesic tests' token budget binds: 1 token leaves the floor of sequences (lowered to 4 here)
+    monkeypatch.setattr(datasets, "MIN_BUDGET_SEQUENCES", 4)
+    opts = {**FAST_PROBES, "hooks": ["x"], "variables": ["token", "stored_value"], "amnesic_sequences": 8,
+            "amnesic_tokens": 1}
     out = tmp_path / "m2"
     _, summary = probe_run(m2_model_dir, out, samples=16, step_options={"probes": opts}, figures=True, hooks=["x"])
     assert summary.exit_code == 0
     res = read_result(out, "step_04_probes")
     assert res["status"] == "completed", res.get("error")
+    assert {a["eval_sequences"] for a in res["metrics"]["amnesic"].values()} == {4}
     report = read_result(out, "step_16_probe_report")
     for fig in (*REPORT_FIGURES, "head_scores"):
         assert f"{fig}.png" in report["artifacts"] and (out / "step_16_probe_report" / f"{fig}.png").is_file(), fig
@@ -133,6 +139,7 @@ def test_step4_on_language_model_folders(lm_model_dir, tokenizer_model_dir, tmp_
     ({"cv": 1}, ">= 2"),
     ({"curves": "some"}, "'best' or 'all'"),
     ({"ridge_cv": 1}, "leave-one-out"),
+    ({"amnesic_tokens": True}, "positive integer or null"),
 ])
 def test_probe_options_are_validated(bad, message):
     with pytest.raises(UsageError, match=message):

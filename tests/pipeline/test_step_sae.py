@@ -134,6 +134,8 @@ def test_step3_dashboards_show_contexts_histograms_logit_effects_and_ablations(s
     # says ablating it lowers the answer's log-odds), ablated for real, raises the loss
     measured = [c for c in by_sae["L0_x"] if c.get("ablation")]
     assert measured and measured[0]["ablation"]["ci"][0] > 0 and measured[0]["attribution"] < 0
+    # the ablation ran on the dashboards' sequence budget (short task sequences: capped by the count, 64)
+    assert measured[0]["ablation"]["n"] == res["metrics"]["dashboard_sequences"] > 0
     # the resid_post direct effect is W_U(γ ⊙ w) of the saved decoder row
     from mamba_interp import HookedMamba
 
@@ -283,6 +285,7 @@ def test_task_variables_of_other_tasks():
     ({"epochs": -1}, "positive number"),
     ({"eval_fraction": 1.0}, "(0, 1)"),
     ({"layers": [-1]}, "non-negative"),
+    ({"dashboard_tokens": 0}, "positive integer or null"),
 ])
 def test_sae_options_are_validated(bad, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -7,13 +7,22 @@ import pytest
 import torch
 from pipeline_helpers import read_result, run_pipeline
 
-from mamba_interp.pipeline.datasets import chance_warning, score_set
+from mamba_interp.pipeline.datasets import MIN_BUDGET_SEQUENCES, budget_sequences, chance_warning, score_set
 
 
 def _ev(**per_example):
     """An ``evaluate`` result with the given per-example tensors."""
     return {"scores": {k: v for k, v in per_example.items() if k == "logit_diff"},
             **{k: v for k, v in per_example.items() if k != "logit_diff"}}
+
+
+def test_a_sequence_budget_caps_short_sequences_by_count_and_long_ones_by_tokens():
+    assert budget_sequences(64, 4096, 64, 256) == 64  # the default model's 64-token sequences: the count binds
+    assert budget_sequences(64, 4096, 256, 64) == 16  # 256-token corpus windows: 4096 tokens
+    assert budget_sequences(128, 8192, 256, 64) == 32
+    assert budget_sequences(64, 4096, 1024, 100) == MIN_BUDGET_SEQUENCES == 16  # never below the floor
+    assert budget_sequences(8, 4096, 1024, 100) == 8  # ...unless the count asks for fewer
+    assert budget_sequences(64, None, 256, 64) == 64 and budget_sequences(64, 4096, 16, 10) == 10
 
 
 def test_score_set_against_chance_on_planted_scores():

@@ -52,6 +52,7 @@ from torch import Tensor
 from mamba_interp.pipeline import sae_dashboards
 from mamba_interp.pipeline.activation_stats import hook_name
 from mamba_interp.pipeline.context import StepContext, StepResult
+from mamba_interp.pipeline.datasets import budget_sequences
 from mamba_interp.pipeline.memory_plan import shuffle_rows
 from mamba_interp.pipeline.registry import register_step
 from mamba_interp.pipeline.sae_figures import draw_figures
@@ -144,7 +145,12 @@ class Options:
     dashboards: int = 6
     """Feature dashboard cards per SAE in the report (0: none)."""
     dashboard_sequences: int = 64
-    """Held-out sequences used to rank latents by their ablation effect (one forward and backward pass)."""
+    """Held-out sequences used to rank latents by their ablation effect (one forward and backward pass) and to
+    measure the top latent's ablation."""
+    dashboard_tokens: int | None = 4096
+    """...and at most this many tokens of them (``pipeline.datasets.budget_sequences``: never fewer than 16
+    sequences; None: no token cap). The default model's 64-token sequences are capped by the count (64 sequences),
+    256-token corpus windows by the tokens (16 sequences)."""
     shuffle_buffer_mb: float = 512.0
     """SAE training reads all training tokens into memory up to this size; beyond it they stream from the
     activation store through a shuffle buffer of this size (``train_sae``)."""
@@ -177,6 +183,9 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
+        if self.dashboard_tokens is not None and (not isinstance(self.dashboard_tokens, int)
+                                                  or isinstance(self.dashboard_tokens, bool) or self.dashboard_tokens < 1):
+            raise ValueError(f"dashboard_tokens={self.dashboard_tokens!r} must be a positive integer or null")
         if self.dead_window_tokens is not None and (not isinstance(self.dead_window_tokens, int)
                                                     or self.dead_window_tokens < 1):
             raise ValueError(f"dead_window_tokens={self.dead_window_tokens!r} must be a positive integer or null")
@@ -298,11 +307,12 @@ def run(ctx: StepContext) -> StepResult:
     best = best_by_variable(correlations, base_of)
     ctx.save_json("correlations", {"variables": base_of, "by_sae": correlations})
     ctx.save_json("top_examples", top_examples(ctx, best, features_eval, data, opts.top_examples))
+    n_dash = budget_sequences(opts.dashboard_sequences, opts.dashboard_tokens, ev.tokens.shape[1], len(ev))
     if opts.dashboards:
         features_eval.forget()  # no SAE's held-out latents beside the attribution pass's graph
         started = time.process_time()
         cards = sae_dashboards.build_dashboards(ctx, trained, features_eval, data, correlations, variables,
-                                                opts.dashboards, opts.dashboard_sequences, opts.top_examples,
+                                                opts.dashboards, n_dash, opts.top_examples,
                                                 starts=starts, clean=clean_ce, clean_final=clean_final)
         ctx.save_json(sae_dashboards.FILE, cards)
         ctx.log.info("feature dashboards: %d cards in %.1f s of CPU time", len(cards), time.process_time() - started)
@@ -321,6 +331,7 @@ def run(ctx: StepContext) -> StepResult:
         "best_by_variable": best,
         "n_variables": len(set(base_of.values())),
         "n_variables_above_0_8": sum(1 for b in best.values() if b["abs_r"] >= MATCH_THRESHOLD),
+        "dashboard_sequences": n_dash if opts.dashboards else 0,
     }
     if best:
         top_var = max(best, key=lambda v: best[v]["abs_r"])

@@ -85,6 +85,10 @@ class Options:
     amnesic: bool = True
     amnesic_sequences: int = 128
     """Held-out sequences the amnesic tests run on (each test is two forward passes over them)."""
+    amnesic_tokens: int | None = 8192
+    """...and at most this many tokens of them (``pipeline.datasets.budget_sequences``: never fewer than 16
+    sequences; None: no token cap). The default model's 64-token sequences are capped by the count (128 sequences),
+    256-token corpus windows by the tokens (32 sequences)."""
     n_resamples: int = 1000
 
     def __post_init__(self) -> None:
@@ -113,6 +117,9 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.amnesic_tokens is not None and (not isinstance(self.amnesic_tokens, int)
+                                                 or isinstance(self.amnesic_tokens, bool) or self.amnesic_tokens < 1):
+            raise ValueError(f"amnesic_tokens={self.amnesic_tokens!r} must be a positive integer or null")
         if not isinstance(self.cv, int) or isinstance(self.cv, bool) or self.cv < 2:
             raise ValueError(f"cv={self.cv!r} must be an integer >= 2")
         if self.ridge_cv is not None and (not isinstance(self.ridge_cv, int) or self.ridge_cv < 2):
@@ -230,8 +237,9 @@ def run(ctx: StepContext) -> StepResult:
 
 def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any, kw: dict) -> dict[str, dict]:
     """The amnesic test of every variable's best probe: fitted on the probed tokens, evaluated on the first
-    ``amnesic_sequences`` of step 1's held-out sequences (the prompt set itself for the other prompt sets, and for
+    ``amnesic_sequences`` (and ``amnesic_tokens``) of step 1's held-out sequences (the prompt set itself for the other prompt sets, and for
     finite tasks, whose held-out sample repeats the test split)."""
+    from mamba_interp.pipeline.datasets import budget_sequences
     from mamba_interp.pipeline.sae_support import layer_inputs
     from mamba_interp.probing import amnesic_test, prepare_variables, run_model
     from mamba_interp.probing.search import cell_features
@@ -240,7 +248,9 @@ def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any,
     out: dict[str, dict] = {}
     for name, (b, a, d) in sets.items():
         own = heldout is not None and name == ds["primary"] and not getattr(ds.get("task"), "finite", False)
-        ev = (heldout if own else b).select(slice(0, opts.amnesic_sequences))
+        pool = heldout if own else b
+        ev = pool.select(slice(0, budget_sequences(opts.amnesic_sequences, opts.amnesic_tokens, pool.tokens.shape[1],
+                                                   len(pool))))
         ev_vars = prepare_variables(ev, None, [n.split(":")[-1] for n in d], **kw)
         tests = [(v, var, report.best(v)) for v, var in d.items()
                  if v.split(":")[-1] in ev_vars and report.for_variable(v)]
@@ -311,6 +321,7 @@ def _metrics(report: Any, data: dict, amnesic: dict, hooks: tuple, ctx: StepCont
             "amnesic": {v: {"layer": a["layer"], "hook": a["hook"], "rank": a["rank"],
                             "relative_change": a["relative_change"],
                             "control_relative_change": a["control_relative_change"], "eval": a["eval"],
+                            "eval_sequences": a.get("eval_sequences"),
                             "clean_accuracy": a["erased"]["clean_accuracy"],
                             "erased_accuracy": a["erased"]["erased_accuracy"],
                             "control_accuracy": a["control"]["erased_accuracy"],
