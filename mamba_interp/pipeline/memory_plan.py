@@ -309,6 +309,7 @@ def _activations(p: PlanInputs) -> StepEstimate:
 @register_estimator(3)
 def _sae(p: PlanInputs) -> StepEstimate:
     from mamba_interp.pipeline.datasets import budget_sequences
+    from mamba_interp.pipeline.sae_support import CONSTANT_ABLATION_HOOKS
     from mamba_interp.pipeline.steps.s03_sae import Options
 
     opts = p.options.get(3) or Options()
@@ -353,8 +354,10 @@ def _sae(p: PlanInputs) -> StepEstimate:
     train_flops = sum(math.ceil(opts.epochs * tok_train / opts.batch_size) * opts.batch_size * 2 * w
                       * opts.expansion * w * 8 for w in widths) * len(layers)
     # every pass starts at its SAE's layer from the cached inputs: the clean one, then zero / mean / spliced per SAE
+    # (a residual-stream hook's zero and mean ablations take one sequence: sae_support.constant_ablation_loss)
+    per_layer = sum(1 if h in CONSTANT_ABLATION_HOOKS else 3 for h in opts.hooks)
     passes = forward_flops(p.cfg, tok_eval, last - first, tok_eval) + sum(
-        forward_flops(p.cfg, tok_eval, i, 0) + 3 * len(widths) * forward_flops(p.cfg, tok_eval, last - i, tok_eval)
+        forward_flops(p.cfg, tok_eval, i, 0) + per_layer * forward_flops(p.cfg, tok_eval, last - i, tok_eval)
         for i in layers)
     if opts.dashboards:  # attribution (forward and backward: ~3 passes), one ablated pass per SAE
         tok_sub = n_sub * p.seq_len

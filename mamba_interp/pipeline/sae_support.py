@@ -169,6 +169,51 @@ def target_loss(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None 
     return sequence_ce(model, batch, batch_size, fwd_hooks, saes, use_error_term, latent_edits, start).mean
 
 
+def unpadded(batch: Any) -> bool:
+    """No padding in ``batch`` (no mask, or an all-ones one, which the model treats as none)."""
+    return batch.attention_mask is None or bool(batch.attention_mask.bool().all())
+
+
+CONSTANT_ABLATION_HOOKS = ("resid_pre", "resid_post")
+"""Hooks whose zero or mean ablation leaves nothing of the input downstream: the residual stream is the only thing
+a block passes on, so replacing all of it by one vector at every position makes every later activation (and the
+logits at position t) the same in every sequence (without padding, whose mask enters each mixer)."""
+
+
+@torch.no_grad()
+def constant_ablation_loss(model: Any, batch: Any, name: str, fn: Callable,
+                           start: tuple[int, Tensor] | None = None) -> float:
+    """``target_loss(model, batch, _, [(name, fn)], start=start)`` for an ablation ``fn`` that replaces a
+    residual-stream hook (``CONSTANT_ABLATION_HOOKS``) by one vector at every position, e.g. the zero and mean
+    ablations of :func:`ablation_hooks`, in a batch without padding: one sequence's ablated pass gives the
+    log-probabilities [l, v] every sequence would get, read at each sequence's targets (a 1/b share of the
+    pass)."""
+    from mamba_interp.pipeline.logits import final_normed, unembed
+    from mamba_interp.pipeline.memory_plan import LOGIT_CHUNK
+    from mamba_interp.tasks.base import IGNORE
+
+    if not name.endswith(tuple(f"hook_{h}" for h in CONSTANT_ABLATION_HOOKS)):
+        raise ValueError(f"{name} is not a residual-stream hook ({', '.join(CONSTANT_ABLATION_HOOKS)}): its "
+                         f"ablated pass depends on the input; use target_loss")
+    if not unpadded(batch):
+        raise ValueError("the batch is padded (its mask enters every mixer): use target_loss")
+    device = next(model.parameters()).device
+    part = None if start is None else (start[0], start[1][:1])
+    with model.hooks(fwd_hooks=[(name, fn)]):
+        normed = final_normed(model, batch.tokens[:1].to(device), None, part)[0]  # (l, d)
+    targets = batch.targets.to(device)  # (b, l)
+    scored = targets != IGNORE
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, normed.shape[0], LOGIT_CHUNK):
+        lp = torch.log_softmax(unembed(model, normed[s:s + LOGIT_CHUNK]), -1)  # (c, v)
+        tgt = targets[:, s:s + LOGIT_CHUNK].clamp(min=0)  # (b, c)
+        picked = lp.gather(-1, tgt.T).T  # (b, c): lp[t, target[b, t]]
+        total -= (picked.double() * scored[:, s:s + LOGIT_CHUNK]).sum().cpu()
+    if int(scored.sum()) == 0:
+        raise ValueError("the held-out batch has no target positions to score the loss on")
+    return float(total / int(scored.sum()))
+
+
 def sequence_losses(model: Any, batch: Any, batch_size: int, fwd_hooks: list | None = None, saes: dict | None = None,
                     use_error_term: bool = False, latent_edits: dict | None = None,
                     start: tuple[int, Tensor] | None = None) -> Tensor:

@@ -377,3 +377,36 @@ def test_dashboard_attributions_from_the_sae_layer_equal_the_full_model_pass(arc
         assert torch.allclose(fast[key], ref[key], rtol=1e-6, atol=1e-9), key
         assert torch.allclose(single[key], ref[key], rtol=1e-6, atol=1e-9), key
     assert all(p.requires_grad for p in model.parameters())  # frozen only during the pass
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_a_residual_hooks_constant_ablation_loss_from_one_sequence_equals_the_full_pass(arch):
+    """Zero / mean ablation of resid_pre or resid_post: one sequence's pass read at every sequence's targets gives
+    the batch's loss (float64, so only the summation order differs), with and without a cached layer input; a
+    hook inside the mixer (its ablated pass depends on the input) and a padded batch are refused."""
+    from mamba_interp import HookedMamba, MambaConfig
+    from mamba_interp.pipeline.sae_support import ablation_hooks, constant_ablation_loss, layer_inputs, target_loss
+
+    torch.manual_seed(0)
+    model = HookedMamba(MambaConfig(arch=arch, d_model=16, n_layer=3, vocab_size=40, d_state=8,
+                                    headdim=8)).double().eval()
+    tokens = torch.randint(0, 40, (6, 12))
+    targets = torch.randint(0, 40, (6, 12))
+    targets[:, :3] = -100
+    targets[2, 5] = -100
+    batch = type("Batch", (), {"tokens": tokens, "targets": targets, "attention_mask": None,
+                               "__len__": lambda self: 6})()
+    fns = ablation_hooks(torch.randn(16, dtype=torch.float64))
+    for hook, layer in (("resid_pre", 1), ("resid_post", 1), ("resid_post", 2)):
+        name = f"blocks.{layer}.hook_{hook}"
+        start = (layer, layer_inputs(model, batch, layer, 4))
+        for kind, fn in fns.items():
+            full = target_loss(model, batch, 4, [(name, fn)])
+            assert constant_ablation_loss(model, batch, name, fn) == pytest.approx(full, rel=1e-12), (hook, kind)
+            assert constant_ablation_loss(model, batch, name, fn, start) == pytest.approx(full, rel=1e-12)
+    with pytest.raises(ValueError, match="not a residual-stream hook"):
+        constant_ablation_loss(model, batch, "blocks.1.mixer.hook_x", fns["zero"])
+    batch.attention_mask = torch.ones(6, 12, dtype=torch.long)
+    batch.attention_mask[0, :2] = 0
+    with pytest.raises(ValueError, match="padded"):
+        constant_ablation_loss(model, batch, "blocks.1.hook_resid_post", fns["zero"])

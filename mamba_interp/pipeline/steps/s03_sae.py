@@ -12,7 +12,8 @@ Per SAE (Gao et al. 2024; SAELens' evals): L0, FVU, dead/dense fractions, shrink
 held-out tokens (FVU on the training tokens too, to show over-fitting); loss recovered when the SAE's
 reconstruction replaces the activation in the model at every position (``model.run_with_saes`` without the error
 term, the SAE-in-the-loop path users call), scored by the mean cross-entropy at the task's target positions,
-against zero ablation and mean ablation (the training mean) of the same activation (``loss_recovered``); the
+against zero ablation and mean ablation (the training mean) of the same activation (``loss_recovered``; for a
+residual-stream hook from one sequence's pass, ``sae_support.constant_ablation_loss``); the
 Pearson correlation of every live latent with every ground-truth variable (``pipeline/task_variables.py``:
 token, previous token, position, the answer, and task-specific ones such as induction's ``after_trigger`` and
 ``stored_value``; categorical variables one-hot per class), with a shuffled-variable baseline
@@ -57,6 +58,7 @@ from mamba_interp.pipeline.memory_plan import shuffle_rows
 from mamba_interp.pipeline.registry import register_step
 from mamba_interp.pipeline.sae_figures import draw_figures
 from mamba_interp.pipeline.sae_support import (
+    CONSTANT_ABLATION_HOOKS,
     MIN_ABLATION_EFFECT,
     SAE_HOOKS,
     HeldOutLatents,
@@ -66,6 +68,7 @@ from mamba_interp.pipeline.sae_support import (
     TrainedSAE,
     ablation_hooks,
     best_by_variable,
+    constant_ablation_loss,
     correlate_latents,
     fmt_pct,
     fmt_range,
@@ -75,6 +78,7 @@ from mamba_interp.pipeline.sae_support import (
     target_loss,
     top_examples,
     train_unit,
+    unpadded,
 )
 from mamba_interp.sparse_autoencoder import (
     ARCHITECTURES,
@@ -277,7 +281,10 @@ def run(ctx: StepContext) -> StepResult:
         m_train = sae_metrics(sae, x_train)
         name = hook_name(hook, layer)
         start = starts(layer)
-        losses = {kind: target_loss(ctx.model, ev, ctx.batch_size, [(name, fn)], start=start)
+        # a residual-stream hook's zero / mean ablation is the same in every sequence: one sequence's pass
+        constant = hook in CONSTANT_ABLATION_HOOKS and unpadded(ev)
+        losses = {kind: constant_ablation_loss(ctx.model, ev, name, fn, start) if constant
+                  else target_loss(ctx.model, ev, ctx.batch_size, [(name, fn)], start=start)
                   for kind, fn in ablation_hooks(x_train.mean().float()).items()}
         losses["spliced"] = target_loss(ctx.model, ev, ctx.batch_size, saes={name: sae}, start=start)
         lr_ = loss_recovered(clean, losses["spliced"], losses["zero"], losses["mean"])
