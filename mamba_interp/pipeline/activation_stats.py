@@ -180,6 +180,7 @@ def collect_activations(
     attention_mask: torch.Tensor | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     writer: Any = None,
+    extra_hooks: Sequence[tuple[str, Callable]] = (),
 ) -> ActivationSet:
     """Run ``tokens`` [b, l] through ``model`` in batches and keep the chosen hooks at the chosen layers.
 
@@ -187,6 +188,8 @@ def collect_activations(
     ``hook_ssm_state`` and keeps only the norm. With a ``writer``
     (:class:`~mamba_interp.pipeline.activation_store.ActivationWriter`) every batch goes to disk at once and the
     result is a :class:`~mamba_interp.pipeline.activation_store.DiskActivationSet`; the values are the same.
+    ``extra_hooks``: more ``(hook name, fn)`` pairs that read the same passes (at layers up to the last collected
+    one; they must not change the activation).
     """
     device = next(model.parameters()).device
     b_total, l_total = tokens.shape
@@ -213,6 +216,7 @@ def collect_activations(
         for s in hooks:
             name = f"blocks.{i}.mixer.hook_ssm_state" if s == STATE_NORM else get_act_name(s, i)
             fwd_hooks.append((name, saver((s, i))))
+    fwd_hooks += list(extra_hooks)
     starts = range(0, tokens.shape[0], batch_size)
     try:
         for start in (progress(starts) if progress is not None else starts):

@@ -191,11 +191,12 @@ def _reopen(folder: str, hooks: tuple[str, ...], layers: tuple[int, ...], row0: 
 
 
 def collect_for_run(ctx: Any, batch: Any, layers: Sequence[int], hooks: Sequence[str], folder: str,
-                    desc: str = "collecting") -> ActivationSet:
+                    desc: str = "collecting", extra_hooks: Sequence[tuple[str, Any]] = ()) -> ActivationSet:
     """Collect a ``TaskBatch``'s activations for a pipeline step: in memory, or through the disk store in the step's
     ``folder``, as ``--activation-store`` decides (``auto``: on disk above ``memory_plan.AUTO_MEMORY_LIMIT`` or a
     quarter of the free memory); in micro-batches when a hook materialises SSM states
-    (``memory_plan.collection_batch``). Both stores hold the same values."""
+    (``memory_plan.collection_batch``). Both stores hold the same values. ``extra_hooks``: as in
+    ``collect_activations``."""
     from mamba_interp.pipeline.activation_stats import collect_activations
     from mamba_interp.pipeline.memory_plan import activation_bytes, collection_batch, decide_store
     from mamba_interp.pipeline.resources import available_memory
@@ -208,4 +209,5 @@ def collect_for_run(ctx: Any, batch: Any, layers: Sequence[int], hooks: Sequence
     if kind == "disk":
         ctx.log.info("collecting %s to the disk store %s (%d sequences per pass)", ", ".join(hooks), folder, size)
     return collect_activations(ctx.model, batch.tokens, layers, hooks, size, attention_mask=batch.attention_mask,
-                               progress=lambda it: ctx.progress(it, desc=desc), writer=writer)
+                               progress=lambda it: ctx.progress(it, desc=desc), writer=writer,
+                               extra_hooks=extra_hooks)

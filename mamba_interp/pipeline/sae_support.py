@@ -69,6 +69,9 @@ class SAEActivations:
     """The ``TaskBatch`` whose tokens produced ``eval``."""
     split: str
     """``"heldout"`` (step 1's fresh sequences) or ``"sequences"`` (the last part of the primary dataset)."""
+    eval_inputs: dict[int, Tensor] | None = None
+    """The residual stream entering the first SAE layer of ``eval_batch`` [b, l, d], when the held-out collection
+    pass recorded it on the way (``LayerStarts(cached=...)``)."""
 
 
 def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int, ...],
@@ -80,14 +83,19 @@ def sae_activations(ctx: StepContext, hooks: tuple[str, ...], layers: tuple[int,
     batch, heldout = ds["batch"], ds.get("heldout")
     acts = ctx.data(2)["activations"]
 
-    def collect(b, folder):
-        return collect_for_run(ctx, b, layers, hooks, folder)
+    def collect(b, folder, extra_hooks=()):
+        return collect_for_run(ctx, b, layers, hooks, folder, extra_hooks=extra_hooks)
 
     if any((h, i) not in acts.acts for h in hooks for i in layers):
         acts = collect(batch, "train_activations")
     # a finite task's "held-out" sample is its fixed test split again, i.e. the same sequences: split those instead
     if heldout is not None and not getattr(ds.get("task"), "finite", False):
-        return SAEActivations(acts, collect(heldout, "heldout_activations"), heldout, "heldout")
+        # the pass that collects the held-out activations also passes the first SAE layer's input: keep it for
+        # the loss passes, which start there (instead of a second pass over the blocks before)
+        first, parts = min(layers), []
+        keep = (f"blocks.{first}.hook_resid_pre", lambda t, hook: parts.append(t.detach().cpu()))
+        ev = collect(heldout, "heldout_activations", [keep])
+        return SAEActivations(acts, ev, heldout, "heldout", {first: torch.cat(parts)})
     b = acts.mask.shape[0]
     n_eval = min(b - 1, max(1, round(eval_fraction * b)))
     if b < 2:
@@ -238,9 +246,9 @@ class LayerStarts:
     (:func:`layer_inputs`): step 3's loss passes, attributions and dashboard ablations all start there, since the
     blocks before an SAE's layer are the clean model's. ``starts(layer)`` gives ``(layer, resid)`` for ``start=``."""
 
-    def __init__(self, model: Any, batch: Any, batch_size: int) -> None:
+    def __init__(self, model: Any, batch: Any, batch_size: int, cached: Mapping[int, Tensor] | None = None) -> None:
         self.model, self.batch, self.batch_size = model, batch, batch_size
-        self._cache: dict[int, Tensor] = {}
+        self._cache: dict[int, Tensor] = dict(cached or {})  # layer -> [b, l, d] already computed by the caller
 
     def __call__(self, layer: int, rows: int | None = None) -> tuple[int, Tensor]:
         """``(layer, resid)``; ``rows``: only the first ``rows`` sequences (a prefix of the batch)."""

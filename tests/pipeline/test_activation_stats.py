@@ -108,6 +108,29 @@ def test_collect_activations_equals_the_cache(arch):
     assert acts[("state_norm", 0)].shape[-1] == width
 
 
+def test_extra_hooks_read_the_collection_passes_and_seed_the_layer_starts(monkeypatch):
+    """Step 3 keeps the first SAE layer's input from the held-out collection pass: it equals ``layer_inputs``
+    (padding included), and a ``LayerStarts`` seeded with it runs no pass of its own for that layer."""
+    from mamba_interp.pipeline import sae_support
+
+    torch.manual_seed(0)
+    model = HookedMamba(MambaConfig(arch="mamba2", d_model=32, n_layer=3, vocab_size=20, d_state=8,
+                                    headdim=16)).eval()
+    tokens = torch.randint(0, 20, (7, 11))
+    mask = torch.ones(7, 11, dtype=torch.long)
+    mask[2, :3] = 0
+    parts = []
+    keep = ("blocks.1.hook_resid_pre", lambda t, hook: parts.append(t.detach().cpu()))
+    acts = collect_activations(model, tokens, [1], ["x"], batch_size=3, attention_mask=mask, extra_hooks=[keep])
+    batch = type("Batch", (), {"tokens": tokens, "attention_mask": mask, "__len__": lambda self: 7})()
+    ref = sae_support.layer_inputs(model, batch, 1, 4)
+    torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-5, atol=1e-6)
+    assert acts[("x", 1)].shape == (7, 11, model.cfg.d_inner)  # the collection itself is unchanged
+    monkeypatch.setattr(sae_support, "layer_inputs", lambda *a: pytest.fail("recomputed a cached layer"))
+    starts = sae_support.LayerStarts(model, batch, 4, cached={1: torch.cat(parts)})
+    assert starts(1, 5)[0] == 1 and torch.equal(starts(1, 5)[1], torch.cat(parts)[:5])
+
+
 def test_collect_activations_with_padding_mask_and_round_trip(tmp_path):
     torch.manual_seed(0)
     model = HookedMamba(MambaConfig(d_model=32, n_layer=2, vocab_size=20, d_state=8)).eval()

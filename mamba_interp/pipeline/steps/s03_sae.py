@@ -247,7 +247,7 @@ def run(ctx: StepContext) -> StepResult:
                                           opts.min_count)
     # the residual stream entering each SAE layer, cached once: every loss pass (and the dashboards' passes) starts
     # there, since the blocks before are the clean model's
-    starts = LayerStarts(ctx.model, ev, ctx.batch_size)
+    starts = LayerStarts(ctx.model, ev, ctx.batch_size, cached=data.eval_inputs)
     finals: list[Tensor] = []  # the clean final-normed residual stream: the dashboards' clean logits come from it
 
     def keep_final(t: Tensor, hook: Any) -> None:
