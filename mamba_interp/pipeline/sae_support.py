@@ -206,19 +206,19 @@ def constant_ablation_loss(model: Any, batch: Any, name: str, fn: Callable,
     if not unpadded(batch):
         raise ValueError("the batch is padded (its mask enters every mixer): use target_loss")
     device = next(model.parameters()).device
+    targets = batch.targets.to(device)  # (b, l)
+    scored = targets != IGNORE
+    if int(scored.sum()) == 0:
+        raise ValueError("the held-out batch has no target positions to score the loss on")
     part = None if start is None else (start[0], start[1][:1])
     with model.hooks(fwd_hooks=[(name, fn)]):
         normed = final_normed(model, batch.tokens[:1].to(device), None, part)[0]  # (l, d)
-    targets = batch.targets.to(device)  # (b, l)
-    scored = targets != IGNORE
     total = torch.zeros((), dtype=torch.float64)
     for s in range(0, normed.shape[0], LOGIT_CHUNK):
         lp = torch.log_softmax(unembed(model, normed[s:s + LOGIT_CHUNK]), -1)  # (c, v)
         tgt = targets[:, s:s + LOGIT_CHUNK].clamp(min=0)  # (b, c)
         picked = lp.gather(-1, tgt.T).T  # (b, c): lp[t, target[b, t]]
         total -= (picked.double() * scored[:, s:s + LOGIT_CHUNK]).sum().cpu()
-    if int(scored.sum()) == 0:
-        raise ValueError("the held-out batch has no target positions to score the loss on")
     return float(total / int(scored.sum()))
 
 

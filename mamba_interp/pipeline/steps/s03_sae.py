@@ -115,6 +115,11 @@ def _tuple_of(value: Any, name: str, kind: type) -> tuple:
     return tuple(value)
 
 
+def _check_optional_positive_int(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name}={value!r} must be a positive integer or null")
+
+
 @dataclass(frozen=True)
 class Options:
     """Which activations get an SAE, the SAE recipe, and the analysis settings."""
@@ -187,9 +192,7 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
-        if self.dashboard_tokens is not None and (not isinstance(self.dashboard_tokens, int)
-                                                  or isinstance(self.dashboard_tokens, bool) or self.dashboard_tokens < 1):
-            raise ValueError(f"dashboard_tokens={self.dashboard_tokens!r} must be a positive integer or null")
+        _check_optional_positive_int("dashboard_tokens", self.dashboard_tokens)
         if self.dead_window_tokens is not None and (not isinstance(self.dead_window_tokens, int)
                                                     or self.dead_window_tokens < 1):
             raise ValueError(f"dead_window_tokens={self.dead_window_tokens!r} must be a positive integer or null")

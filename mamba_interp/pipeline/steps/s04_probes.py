@@ -40,7 +40,7 @@ import torch
 from mamba_interp.pipeline.activation_stats import STATE_NORM
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import StepSkipped, register_step
-from mamba_interp.pipeline.steps.s03_sae import SAE_HOOKS, _tuple_of
+from mamba_interp.pipeline.steps.s03_sae import SAE_HOOKS, _check_optional_positive_int, _tuple_of
 
 PROBES_FILE = "probes.json"
 COEF_FILE = "coefficients"
@@ -117,9 +117,7 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.amnesic_tokens is not None and (not isinstance(self.amnesic_tokens, int)
-                                                 or isinstance(self.amnesic_tokens, bool) or self.amnesic_tokens < 1):
-            raise ValueError(f"amnesic_tokens={self.amnesic_tokens!r} must be a positive integer or null")
+        _check_optional_positive_int("amnesic_tokens", self.amnesic_tokens)
         if not isinstance(self.cv, int) or isinstance(self.cv, bool) or self.cv < 2:
             raise ValueError(f"cv={self.cv!r} must be an integer >= 2")
         if self.ridge_cv is not None and (not isinstance(self.ridge_cv, int) or self.ridge_cv < 2):
@@ -237,8 +235,8 @@ def run(ctx: StepContext) -> StepResult:
 
 def _amnesic(ctx: StepContext, opts: Options, ds: dict, sets: dict, report: Any, kw: dict) -> dict[str, dict]:
     """The amnesic test of every variable's best probe: fitted on the probed tokens, evaluated on the first
-    ``amnesic_sequences`` (and ``amnesic_tokens``) of step 1's held-out sequences (the prompt set itself for the other prompt sets, and for
-    finite tasks, whose held-out sample repeats the test split)."""
+    ``amnesic_sequences`` (at most ``amnesic_tokens`` tokens) of step 1's held-out sequences (the prompt set itself
+    for the other prompt sets, and for finite tasks, whose held-out sample repeats the test split)."""
     from mamba_interp.pipeline.datasets import budget_sequences
     from mamba_interp.pipeline.sae_support import layer_inputs
     from mamba_interp.probing import amnesic_test, prepare_variables, run_model
