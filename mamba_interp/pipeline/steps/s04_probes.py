@@ -40,7 +40,11 @@ import torch
 from mamba_interp.pipeline.activation_stats import STATE_NORM
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import StepSkipped, register_step
-from mamba_interp.pipeline.steps.s03_sae import SAE_HOOKS, _check_optional_positive_int, _tuple_of
+from mamba_interp.pipeline.steps.s03_sae import (
+    SAE_HOOKS,
+    _check_optional_positive_int,
+    _tuple_of,
+)
 
 PROBES_FILE = "probes.json"
 COEF_FILE = "coefficients"
