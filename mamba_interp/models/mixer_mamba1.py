@@ -104,7 +104,7 @@ class Mamba1Mixer(nn.Module):
             dA = self.hook_dA(torch.exp(torch.einsum("ble,en->blen", dt32, A)))  # (b, l, e, n)
         h0 = initial_ssm_state(self.hook_h0, state, (b, e, self.cfg.d_state), u.device)
         if not materialise:
-            self.last_scan, scan = choose_scan("mamba1", self.scan_impl, u.device, h0 is not None)
+            self.last_scan, scan = choose_scan("mamba1", self.scan_impl, u.device, h0 is not None, u.dtype)
             return scan(u, dt, A, B, C, self.D, h0)
         self.last_scan = "materialised"
         dBu = torch.einsum("ble,bln->blen", dt32 * u32, B.float())  # (b, l, e, n)

@@ -17,7 +17,7 @@ from typing import Any
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 DTYPES = ("float32", "bfloat16", "float16")
-SCAN_IMPLS = ("auto", "reference", "loop", "parallel", "chunked", "kernel")  # models/ops/dispatch.py
+SCAN_IMPLS = ("auto", "reference", "compiled", "loop", "parallel", "chunked", "kernel")  # models/ops/dispatch.py
 DEFAULT_MODEL = "default"
 """Stands for the zoo's embedded default model (``zoo.DEFAULT``)."""
 
@@ -156,8 +156,9 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "float32"
     scan_impl: str = "auto"
-    """Selective-scan implementation (``HookedMamba.set_scan_impl``): auto, reference, loop, parallel, chunked,
-    kernel. ``auto`` picks per device (and the mamba_ssm kernels on CUDA when installed)."""
+    """Selective-scan implementation (``HookedMamba.set_scan_impl``): auto, reference, compiled, loop, parallel,
+    chunked, kernel. ``auto`` picks per device (the compiled C kernel for Mamba-1 on CPU where a C compiler is
+    found, and the mamba_ssm kernels on CUDA when installed)."""
     seed: int = 0
     threads: int | None = None
     """CPU threads for torch (``torch.set_num_threads``); None keeps torch's default. On a busy machine 1 is

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 
+import pytest
 import torch
 import transformers as tf
 
 from mamba_interp import HookedMamba
+
+CPU_KERNEL_EXPECTED = (shutil.which(os.environ.get("CC", "cc")) is not None
+                       and os.environ.get("MAMBA_INTERP_CPU_KERNEL", "1") != "0")
+"""Whether the compiled Mamba-1 CPU scan must build here: a C compiler is on PATH and the kernel is not switched
+off. Tests of it skip only then, so a failed build with a compiler present fails them instead of hiding."""
+
+needs_cpu_kernel = pytest.mark.skipif(not CPU_KERNEL_EXPECTED, reason="no C compiler on PATH ($CC or cc), or "
+                                      "MAMBA_INTERP_CPU_KERNEL=0: the compiled Mamba-1 CPU scan is not built")
+CPU_M1_SCAN = "compiled" if CPU_KERNEL_EXPECTED else "loop"
+"""The scan ``auto`` must pick for Mamba-1 on this CPU."""
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

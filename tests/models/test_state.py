@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mamba_interp import HookedMamba, MambaConfig
-from tests.models.helpers import perturb
+from tests.models.helpers import needs_cpu_kernel, perturb
 
 TOL = 1e-5  # max |Δ logit|, float32
 CFGS = {
@@ -14,7 +14,8 @@ CFGS = {
     "mamba2": MambaConfig(arch="mamba2", d_model=16, n_layer=2, vocab_size=23, d_state=4, headdim=8, ngroups=2,
                           chunk_size=8),
 }
-SCANS = [("mamba1", "reference"), ("mamba1", "loop"), ("mamba1", "parallel"),
+SCANS = [("mamba1", "reference"), pytest.param("mamba1", "compiled", marks=needs_cpu_kernel), ("mamba1", "loop"),
+         ("mamba1", "parallel"),
          ("mamba2", "reference"), ("mamba2", "chunked")]  # every scan that takes an initial state (kernels: CUDA)
 L = 23
 _MODELS: dict[str, HookedMamba] = {}

@@ -10,10 +10,11 @@ import torch
 
 from mamba_interp import HookedMamba, HookError, MambaConfig
 from mamba_interp.temporal_causality import answer_logprob, influence_profile, memory_horizon, temporal_jacobian
-from tests.models.helpers import perturb, rel_err
+from tests.models.helpers import CPU_KERNEL_EXPECTED, perturb, rel_err
 
 L, V = 9, 11
-IMPLS = {"mamba1": ["reference", "loop", "parallel"], "mamba2": ["reference", "chunked"]}
+IMPLS = {"mamba1": ["reference", *(["compiled"] if CPU_KERNEL_EXPECTED else []), "loop", "parallel"],
+         "mamba2": ["reference", "chunked"]}
 
 
 @pytest.fixture(scope="module", params=list(IMPLS))

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from mamba_interp import HookedMamba, MambaConfig
-from mamba_interp.models.ops import dispatch, kernels
+from mamba_interp.models.ops import cpu_kernel, dispatch, kernels
 from mamba_interp.models.ops.selective_scan import selective_scan_ref
 from mamba_interp.models.ops.ssd import ssd_ref
+from tests.models.helpers import CPU_M1_SCAN, needs_cpu_kernel
 
 CUDA = SimpleNamespace(type="cuda")
 CPU = torch.device("cpu")
@@ -35,8 +36,29 @@ def fake_kernels(monkeypatch):
 
 
 def test_auto_on_cpu():
-    assert dispatch.choose_scan("mamba1", "auto", CPU, False)[0] == "loop"
+    assert dispatch.choose_scan("mamba1", "auto", CPU, False)[0] == CPU_M1_SCAN  # "compiled" with a C compiler
+    assert dispatch.choose_scan("mamba1", "auto", CPU, True, torch.bfloat16)[0] == CPU_M1_SCAN
+    assert dispatch.choose_scan("mamba1", "auto", CPU, False, torch.float64)[0] == "loop"  # the kernel is float32
     assert dispatch.choose_scan("mamba2", "auto", CPU, False)[0] == "chunked"
+
+
+def test_without_the_compiled_kernel_auto_takes_the_loop_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    dispatch._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="mamba_interp"):
+        assert dispatch.choose_scan("mamba1", "auto", CPU, False)[0] == "loop"
+    assert "no C compiler built the fused kernel" in caplog.text
+    with pytest.raises(RuntimeError, match="scan_impl='compiled' cannot run: no C compiler"):
+        dispatch.choose_scan("mamba1", "compiled", CPU, False)
+
+
+def test_explicit_compiled_request_fails_loudly_where_it_cannot_run():
+    with pytest.raises(RuntimeError, match="not the CPU"):
+        dispatch.choose_scan("mamba1", "compiled", CUDA, False)
+    with pytest.raises(RuntimeError, match="float64"):
+        dispatch.choose_scan("mamba1", "compiled", CPU, False, torch.float64)
+    with pytest.raises(ValueError, match="not available for mamba2"):
+        dispatch.choose_scan("mamba2", "compiled", CPU, False)
 
 
 def test_auto_on_cuda_without_kernels_logs_reason(monkeypatch, caplog):
@@ -80,7 +102,8 @@ def test_kernel_wrappers_keep_shapes_and_values(fake_kernels):
         kernels.kernel_selective_scan(u, delta, A, B, C, D, h0=torch.zeros(2, 6, 3))
 
 
-@pytest.mark.parametrize("scan", ["reference", "loop", "parallel"])
+@pytest.mark.parametrize("scan", ["reference", pytest.param("compiled", marks=needs_cpu_kernel), "loop",
+                                  "parallel"])
 def test_every_scan_impl_gives_the_same_model_output(scan):
     torch.manual_seed(0)
     model = HookedMamba(MambaConfig(d_model=16, n_layer=2, vocab_size=10))

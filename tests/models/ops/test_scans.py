@@ -1,14 +1,19 @@
 """Fast scans equal the reference step loops, in values and gradients (every fast path has a reference)."""
 
+import logging
+
 import pytest
 import torch
 
+from mamba_interp.models.ops import cpu_kernel
+from mamba_interp.models.ops.cpu_kernel import selective_scan_compiled
 from mamba_interp.models.ops.selective_scan import (
     selective_scan_loop,
     selective_scan_parallel,
     selective_scan_ref,
 )
 from mamba_interp.models.ops.ssd import segsum, segsum_unstable, ssd_chunked, ssd_ref
+from tests.models.helpers import needs_cpu_kernel
 
 
 def _m1_inputs(b, l, e, n, dt_scale, seed, dtype=torch.float32, h0=False):
@@ -54,10 +59,10 @@ def _compare(fast, ref, inputs, tol_y, tol_g):
         assert err < tol_g, f"gradient of input {i}: relative error {err:.2e}"
 
 
-M1_FAST = {"loop": selective_scan_loop, "parallel": selective_scan_parallel}
+M1_FAST = {"compiled": selective_scan_compiled, "loop": selective_scan_loop, "parallel": selective_scan_parallel}
 
 
-@pytest.mark.parametrize("impl", sorted(M1_FAST))
+@pytest.mark.parametrize("impl", [pytest.param("compiled", marks=needs_cpu_kernel), "loop", "parallel"])
 @pytest.mark.parametrize("length", [1, 5, 63, 64, 65, 130])
 @pytest.mark.parametrize("dt_scale", [0.1, 20.0], ids=["init", "large-dt"])
 def test_mamba1_fast_scans_match_reference(impl, length, dt_scale):
@@ -70,6 +75,66 @@ def test_mamba1_loop_long_sequence_against_float64():
     y_ref, _ = selective_scan_ref(*[t.double() if t is not None else None for t in inputs])
     y, _ = selective_scan_loop(*inputs)
     assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()) < 1e-5
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("shape", [(3, 17, 37, 16), (2, 64, 16, 1), (1, 33, 48, 7)], ids=str)
+@pytest.mark.parametrize("block", [1, 5, 16])
+def test_mamba1_compiled_tiles_blocks_and_threads(shape, block):
+    """Full 16-channel tiles beside a partial one (e = 37), d_state 1..16, lengths that are not a multiple of the
+    checkpoint block; one thread and two give the same values (the split only changes which thread sums what)."""
+    b, length, e, n = shape
+    inputs = _m1_inputs(b, length, e, n, 2.0, seed=length + block, h0=b != 2)
+    _compare(lambda *a: selective_scan_compiled(*a, block=block), selective_scan_ref, inputs, 2e-6, 2e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, h1 = selective_scan_compiled(*inputs)
+        torch.set_num_threads(2)
+        y2, h2 = selective_scan_compiled(*inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)  # each tile's arithmetic is one thread's, in one order
+
+
+@needs_cpu_kernel
+def test_mamba1_compiled_long_sequence_against_float64_and_underflowing_decays():
+    inputs = _m1_inputs(1, 3000, 20, 4, 1.0, seed=3)
+    y_ref, _ = selective_scan_ref(*[t.double() if t is not None else None for t in inputs])
+    y, _ = selective_scan_compiled(*inputs)
+    assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()) < 1e-5
+    inputs = _m1_inputs(2, 40, 18, 4, 300.0, seed=4, h0=True)  # Δ·A down to -1.2e4: exp clamps at -87
+    _compare(selective_scan_compiled, selective_scan_ref, inputs, 2e-6, 2e-5)
+
+
+@needs_cpu_kernel
+def test_mamba1_compiled_propagates_nan_and_refuses_what_it_cannot_take():
+    u, delta, A, B, C, D, _ = _m1_inputs(1, 6, 17, 3, 1.0, seed=5)
+    u[0, 2, 16] = float("nan")
+    y, _ = selective_scan_compiled(u, delta, A, B, C, D)
+    assert y[0, :2].isfinite().all() and y[0, 2:, 16].isnan().all() and y[0, :, :16].isfinite().all()
+    with pytest.raises(ValueError, match="float64"):
+        selective_scan_compiled(*(t.double() for t in (u, delta, A, B, C, D)))
+    with pytest.raises(ValueError, match="d_state <= 256"):
+        selective_scan_compiled(u, delta, torch.zeros(17, 257), torch.zeros(1, 6, 257), torch.zeros(1, 6, 257), D)
+
+
+def test_cpu_kernel_build_failure_is_reported_not_raised(tmp_path, monkeypatch, caplog):
+    """A compiler that fails (or none) makes the kernel unavailable with one log line; nothing half-written."""
+    monkeypatch.setenv("MAMBA_INTERP_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    cpu_kernel._library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="mamba_interp"):
+            assert not cpu_kernel.available()
+        assert "compiled Mamba-1 CPU scan is unavailable" in caplog.text
+        assert list(tmp_path.iterdir()) == []
+        monkeypatch.setenv("CC", "cc")
+        monkeypatch.setenv("MAMBA_INTERP_CPU_KERNEL", "0")
+        cpu_kernel._library.cache_clear()
+        assert not cpu_kernel.available()
+    finally:
+        cpu_kernel._library.cache_clear()
 
 
 def test_mamba1_loop_float64_gradcheck():
