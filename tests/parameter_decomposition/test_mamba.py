@@ -142,11 +142,16 @@ def test_masked_logits_modes_and_ablation():
         masked_logits(dec, batch, "nope")
 
 
-def test_training_scan_restores_the_choice():
-    model = tiny("mamba1")
-    with training_scan(model):
-        assert model.scan_impl == "reference"
-    assert model.scan_impl == "auto"
+@pytest.mark.parametrize("kernel", [True, False], ids=["compiled kernel", "no kernel"])
+def test_training_scan_restores_the_choice(monkeypatch, kernel):
+    from mamba_interp.models.ops import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "available", lambda: kernel)
+    for arch, inside in (("mamba1", "auto" if kernel else "reference"), ("mamba2", "auto")):
+        model = tiny(arch)
+        with training_scan(model):
+            assert model.scan_impl == inside, arch
+        assert model.scan_impl == "auto"
     sample = task_sampler(get_task("induction", vocab_size=12, seq_len=10))
     a, b = sample(3, torch.Generator().manual_seed(0)), sample(3, torch.Generator().manual_seed(0))
     assert torch.equal(a.tokens, b.tokens)

@@ -60,7 +60,7 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "mamba_interp"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     """Build (once per source, flags and CPU) and load the kernel; None, logged once, when that fails."""
     if os.environ.get("MAMBA_INTERP_CPU_KERNEL", "1") == "0":
