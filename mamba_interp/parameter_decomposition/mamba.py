@@ -14,15 +14,13 @@ output loss is KL(target ‖ masked) on the logits, summed over the vocabulary a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_interp.models.ops import cpu_kernel
 from mamba_interp.parameter_decomposition.decomposition import Decomposition, Target, decompose
 from mamba_interp.tasks.base import IGNORE, TaskBatch
 
@@ -105,24 +103,6 @@ def modules_target(model: Any, sample: Callable[[int, torch.Generator], TaskBatc
     return Target(model, tuple(names), sample, forward_tokens, kl_loss, token_mask=valid_tokens)
 
 
-@contextlib.contextmanager
-def training_scan(model: Any) -> Iterator[None]:
-    """The scan for the decomposition's many short forward + backward passes. On CPU, a Mamba-1 model without the
-    compiled kernel runs the step-loop reference: its autograd backward beats the torch loop's recomputing
-    backward on short sequences. Measured on the default models, 32 x 64 tokens, 1 thread, forward + backward:
-    Mamba-1 compiled 0.048 s, reference 0.21 s, loop 0.14 s; Mamba-2 chunked 0.12 s, reference 0.22 s, so every
-    other case keeps ``auto``. The model's choice is restored afterwards; every scan gives the same values."""
-    previous = model.scan_impl
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    mamba1 = getattr(getattr(model, "cfg", None), "arch", None) == "mamba1"
-    if on_cpu and previous == "auto" and mamba1 and not cpu_kernel.available():
-        model.set_scan_impl("reference")
-    try:
-        yield
-    finally:
-        model.set_scan_impl(previous)
-
-
 def decompose_mamba(model: Any, sample: Callable[[int, torch.Generator], TaskBatch], method: str = "spd",
                     layers: Sequence[int] | None = None, matrices: Sequence[str] | None = None, seed: int = 0,
                     **config: Any) -> Decomposition:
@@ -130,8 +110,7 @@ def decompose_mamba(model: Any, sample: Callable[[int, torch.Generator], TaskBat
 
     >>> dec = decompose_mamba(model, task_sampler(task), layers=[1], C=32, steps=500, batch_size=16)
     """
-    with training_scan(model):
-        return decompose(mamba_target(model, sample, layers, matrices), method, seed, config)
+    return decompose(mamba_target(model, sample, layers, matrices), method, seed, config)
 
 
 # ---- evaluation with masks ---------------------------------------------------------------------------------

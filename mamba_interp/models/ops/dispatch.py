@@ -1,14 +1,15 @@
 """Which scan runs: chosen by device and by what the hooks need, explicitly, and logged once per choice.
 
 ``scan_impl`` values: ``"auto"``; ``"reference"`` (step loop); ``"compiled"`` (Mamba-1 fused C kernel built at
-first use, the CPU default where a C compiler is found; ``models/ops/cpu_kernel.py``); ``"loop"`` (Mamba-1 blocked
-low-memory torch loop, the CPU default without a compiler, and for float64); ``"parallel"`` (Mamba-1 Hillis–Steele, the GPU default without kernels); ``"chunked"`` (Mamba-2
-chunked SSD, the default on every device without kernels); ``"kernel"`` (mamba_ssm's fused CUDA kernels).
+first use, the CPU default where a C compiler is found; ``models/ops/cpu_kernel.py``); ``"loop"`` (Mamba-1
+blocked low-memory torch loop, the CPU default without a compiler, and for float64); ``"parallel"`` (Mamba-1
+Hillis–Steele, the GPU default without kernels); ``"chunked"`` (Mamba-2 chunked SSD, the default on every device
+without kernels); ``"kernel"`` (mamba_ssm's fused CUDA kernels).
 
-Measured side by side (docs/performance.md): on CPU the fused kernel beat the low-memory loop (4x forward, 5x
-forward+backward at mamba-130m's shape), which beat the parallel scan for Mamba-1; the
-chunked SSD is matmul-shaped for Mamba-2's scalar-per-head decay and wins there. On GPU per-step launches dominate,
-so a log-depth or chunked scan (or the fused kernel) is the default.
+Measured side by side (docs/performance.md): on CPU the fused kernel beat the low-memory loop 4x, forward and
+forward + backward, at mamba-130m's shape; the loop beat the parallel scan for Mamba-1; the chunked SSD is
+matmul-shaped for Mamba-2's scalar-per-head decay and wins there. On GPU per-step launches dominate, so a
+log-depth or chunked scan (or the fused kernel) is the default.
 """
 
 from __future__ import annotations

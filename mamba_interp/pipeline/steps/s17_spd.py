@@ -29,7 +29,7 @@ from mamba_interp.parameter_decomposition.analysis import (
     training_sampler,
 )
 from mamba_interp.parameter_decomposition.decomposition import load_decomposition
-from mamba_interp.parameter_decomposition.mamba import mamba_modules, modules_target, training_scan
+from mamba_interp.parameter_decomposition.mamba import mamba_modules, modules_target
 from mamba_interp.parameter_decomposition.spd import run_spd
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import register_step
@@ -156,9 +156,8 @@ def run(ctx: StepContext) -> StepResult:
     batch_size = train_batch_size(opts, train_len)
     cfg = opts.spd_config(C, seed=ctx.seed % 2**31, log_every=max(1, opts.steps // 20), progress=False,
                           checkpoint_path=str(ctx.path(CHECKPOINT)), batch_size=batch_size)
-    with training_scan(ctx.model):
-        dec = run_spd(modules_target(ctx.model, sample, names), cfg,
-                      progress=lambda it, total: ctx.progress(it, total=total, desc="SPD"))
+    dec = run_spd(modules_target(ctx.model, sample, names), cfg,
+                  progress=lambda it, total: ctx.progress(it, total=total, desc="SPD"))
     return summarise(ctx, opts, dec, task, batch, "spd", extra={"C": C, "train_len": train_len,
                                                                 "train_batch_size": batch_size})
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from mamba_interp.parameter_decomposition.analysis import training_sampler
 from mamba_interp.parameter_decomposition.apd import APDConfig, run_apd
-from mamba_interp.parameter_decomposition.mamba import mamba_modules, modules_target, training_scan
+from mamba_interp.parameter_decomposition.mamba import mamba_modules, modules_target
 from mamba_interp.pipeline.context import StepContext, StepResult
 from mamba_interp.pipeline.registry import register_step
 from mamba_interp.pipeline.steps.s17_spd import as_tuple, summarise
@@ -81,9 +81,8 @@ def run(ctx: StepContext) -> StepResult:
     train_len = opts.train_len or batch.seq_len
     sample = training_sampler(task, ctx.model.cfg.vocab_size, train_len)
     cfg = opts.apd_config(seed=ctx.seed % 2**31, log_every=max(1, opts.steps // 20), progress=False)
-    with training_scan(ctx.model):
-        dec = run_apd(modules_target(ctx.model, sample, names), cfg,
-                      progress=lambda it, total: ctx.progress(it, total=total, desc="APD"))
+    dec = run_apd(modules_target(ctx.model, sample, names), cfg,
+                  progress=lambda it, total: ctx.progress(it, total=total, desc="APD"))
     result = summarise(ctx, opts, dec, task, batch, "apd", extra={"layer": layer, "C": opts.C, "topk": opts.topk,
                                                                   "train_len": train_len})
     imp = result.metrics["by_length"]["1x"]["importance"]["accuracy_minus_target"]

@@ -129,10 +129,27 @@ def test_cpu_kernel_build_failure_is_reported_not_raised(tmp_path, monkeypatch, 
             assert not cpu_kernel.available()
         assert "compiled Mamba-1 CPU scan is unavailable" in caplog.text
         assert list(tmp_path.iterdir()) == []
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        cpu_kernel._library.cache_clear()
+        assert not cpu_kernel.available() and list(tmp_path.iterdir()) == []
         monkeypatch.setenv("CC", "cc")
         monkeypatch.setenv("MAMBA_INTERP_CPU_KERNEL", "0")
         cpu_kernel._library.cache_clear()
         assert not cpu_kernel.available()
+    finally:
+        cpu_kernel._library.cache_clear()
+
+
+@needs_cpu_kernel
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MAMBA_INTERP_CACHE", str(blocker / "cache"))  # mkdir fails: a file is in the way
+    cpu_kernel._library.cache_clear()
+    try:
+        assert cpu_kernel.available()
+        inputs = _m1_inputs(1, 9, 17, 3, 1.0, seed=6)
+        _compare(selective_scan_compiled, selective_scan_ref, inputs, 2e-6, 2e-5)
     finally:
         cpu_kernel._library.cache_clear()
 
