@@ -51,7 +51,7 @@ def forward_backward(fn, args):
 def medians(args, repeats: int) -> dict[str, tuple[float, float]]:
     """Interleaved, so drift in the machine's load falls on every scan alike."""
     times = {k: ([], []) for k in SCANS}
-    for name, fn in SCANS.items():  # warm-up (and the kernel's build)
+    for fn in SCANS.values():  # warm-up (and the kernel's build)
         forward(fn, args)
     for _ in range(repeats):
         for name, fn in SCANS.items():

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
+from mamba_interp.models.ops.selective_scan import DEFAULT_BLOCK  # the same checkpoint interval as the torch loop
+
 logger = logging.getLogger("mamba_interp")
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.c"
 MAX_D_STATE = 256  # NMAX in the C source
 MAX_THREADS = 256  # MAX_THREADS in the C source
-DEFAULT_BLOCK = 16  # checkpoint interval: the backward holds (block + 1) states of one tile per thread
 
 
 def _flags() -> list[str]:
@@ -107,7 +108,7 @@ def _library() -> ctypes.CDLL | None:
             _unavailable(err)
             return None
         except OSError as err:  # no compiler, an unwritable folder, or a library that does not load
-            if i == len(folders) - 1 or isinstance(err, FileNotFoundError) and err.filename == compiler:
+            if i == len(folders) - 1 or (isinstance(err, FileNotFoundError) and err.filename == compiler):
                 _unavailable(err)
                 return None
     ptr, long = ctypes.c_void_p, ctypes.c_long
