@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_interp.models.ops.selective_scan import DEFAULT_BLOCK  # the same checkpoint interval as the torch loop
+from mamba_interp.models.ops.selective_scan import DEFAULT_BLOCK  # the torch loop's checkpoint interval
 
 logger = logging.getLogger("mamba_interp")
 
