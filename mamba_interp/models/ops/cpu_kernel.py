@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
-from mamba_interp.models.ops.selective_scan import DEFAULT_BLOCK  # the torch loop's checkpoint interval
+from mamba_interp.models.ops.selective_scan import DEFAULT_BLOCK
 
 logger = logging.getLogger("mamba_interp")
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.c"
 MAX_D_STATE = 256  # NMAX in the C source
 MAX_THREADS = 256  # MAX_THREADS in the C source
+# the checkpoint interval is the torch loop's DEFAULT_BLOCK: the backward holds (block + 1) states per tile
 
 
 def _flags() -> list[str]:
